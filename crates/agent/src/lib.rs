@@ -1,0 +1,1 @@
+//! mizzen-agent: proxy identity (xDS node id and metadata) and the Envoy agent mode.

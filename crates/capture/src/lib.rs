@@ -1,0 +1,1 @@
+//! mizzen-capture: traffic capture rules (istio-iptables), iptables and nftables backends.

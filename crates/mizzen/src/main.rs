@@ -1,0 +1,61 @@
+//! `mizzen`: one binary, every role of the mesh. This crate only parses the command
+//! line and hands off to the library crates; each subcommand lives in `cmd/`.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "mizzen", version, about = "A service mesh that speaks Istio, in Rust")]
+struct Cli {
+    /// Log filter (tracing env-filter syntax); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane: config, discovery and xDS (the istiod role).
+    Pilot(cmd::pilot::PilotArgs),
+    /// Run a data-plane proxy (sidecar or router); with --envoy, bootstrap and supervise Envoy.
+    Proxy(cmd::proxy::ProxyArgs),
+    /// Validate Istio/Kubernetes YAML the way the pilot does; non-zero exit on errors.
+    Validate(cmd::validate::ValidateArgs),
+    /// Set up traffic capture rules, flag-compatible with istio-iptables.
+    Iptables(cmd::iptables::IptablesArgs),
+    /// Print the version.
+    Version,
+}
+
+fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_level);
+    let result = match cli.command {
+        Command::Pilot(a) => cmd::pilot::run(a),
+        Command::Proxy(a) => cmd::proxy::run(a),
+        Command::Validate(a) => cmd::validate::run(a),
+        Command::Iptables(a) => cmd::iptables::run(a),
+        Command::Version => {
+            println!("mizzen {}", env!("CARGO_PKG_VERSION"));
+            Ok(0)
+        }
+    };
+    match result {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! mizzen-pilot: the control-plane process (the istiod role).

@@ -1,0 +1,1 @@
+//! mizzen-xds: per-proxy Envoy xDS v3 generation and the ADS server.
