@@ -1,5 +1,17 @@
 //! mizzen-model: the abstract model of the mesh (seed 002).
 //!
-//! Services, ports, workloads and endpoints, fed by platform adapters (files today;
-//! a live Kubernetes watcher and VM auto-registration later), plus an immutable
-//! [`PushContext`] that indexes config for the xDS generators.
+//! - [`service`]: services, ports, protocols, endpoints and workloads.
+//! - [`registry`]: platform adapters producing a [`registry::RegistrySnapshot`] (files with
+//!   Kubernetes objects and ServiceEntry/WorkloadEntry today; a live Kubernetes watcher and VM
+//!   auto-registration plug in as more adapters).
+//! - [`push`]: the immutable [`push::PushContext`] that generators read, one per config change.
+//! - [`proxy`]: a connected proxy's identity and the workload it fronts.
+
+pub mod proxy;
+pub mod push;
+pub mod registry;
+pub mod service;
+
+pub use proxy::{Proxy, ProxyType};
+pub use push::{ConfigEntry, MeshSettings, PushContext};
+pub use service::{Endpoint, Protocol, Resolution, Service, ServicePort, Workload};
