@@ -101,6 +101,9 @@ pub struct Source {
     pub not_remote_ip_blocks: Vec<String>,
     pub service_accounts: Vec<String>,
     pub not_service_accounts: Vec<String>,
+    /// SPIFFE trust domains of the peer (newer Istio API; used in Istio's own authz tests).
+    pub trust_domains: Vec<String>,
+    pub not_trust_domains: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,1 @@
+use crate::validate::fields_of;
