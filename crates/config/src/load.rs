@@ -52,6 +52,8 @@ pub fn is_config_file(path: &Path) -> bool {
 
 /// All config files under `root` (recursively, sorted, hidden entries skipped). `root` may
 /// also be a single file.
+// A rich error (file, object, field) on a cold path is worth its size.
+#[allow(clippy::result_large_err)]
 pub fn config_files(root: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     let mut out = Vec::new();
     if root.is_file() {
@@ -218,6 +220,7 @@ fn object_error(
 type DecodeError = (Option<crate::resource::ResourceKey>, ConfigError);
 
 /// Decode one object of a known kind into a typed [`Resource`] (no semantic validation).
+#[allow(clippy::result_large_err)]
 pub fn decode_resource(
     kind: Kind,
     mut obj: serde_json::Map<String, Value>,

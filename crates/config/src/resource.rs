@@ -117,6 +117,9 @@ impl fmt::Display for ResourceKey {
     }
 }
 
+// Specs are built once per config change and shared; boxing the large variants would only
+// add indirection for every reader.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Spec {

@@ -427,6 +427,11 @@ pub(super) fn authorization_policy(e: &mut Errs, p: &Path, meta: &Meta, ap: &Aut
                 );
                 continue;
             }
+            // An unknown or malformed key is reported once, on the key itself.
+            if let Err(m) = attribute(&c.key, &[]) {
+                e.add(&cp.f("key"), m);
+                continue;
+            }
             if let Err(m) = attribute(&c.key, &c.values) {
                 e.add(
                     &cp.f("values"),
