@@ -176,6 +176,34 @@ impl PushContext {
                 .any(|e| e == "*" || (e == "." && svc.namespace == namespace) || e == namespace)
     }
 
+    /// Is the service visible to this proxy: exported to its namespace and, when a Sidecar
+    /// resource applies, listed in one of its egress `hosts` (`ns/host`, with `*`, `.` and `~`
+    /// for the namespace part, as Istio defines them). Routers see every exported service.
+    pub fn visible_to(&self, proxy: &Proxy, svc: &Service) -> bool {
+        if !self.visible(svc, &proxy.namespace) {
+            return false;
+        }
+        if proxy.proxy_type == crate::proxy::ProxyType::Router {
+            return true;
+        }
+        let Some(sc) = self.sidecar_for(proxy) else {
+            return true;
+        };
+        if sc.spec.egress.is_empty() {
+            return true;
+        }
+        sc.spec.egress.iter().flat_map(|e| e.hosts.iter()).any(|h| {
+            let (ns, host) = h.split_once('/').unwrap_or(("*", h.as_str()));
+            let ns_ok = match ns {
+                "*" => true,
+                "." => svc.namespace == sc.meta.namespace,
+                "~" => false,
+                other => svc.namespace == other,
+            };
+            ns_ok && host_matches(host, &svc.hostname)
+        })
+    }
+
     /// The Sidecar resource that applies to this proxy: a workload-selected one in its
     /// namespace, else the namespace default, else the root namespace's.
     pub fn sidecar_for(&self, proxy: &Proxy) -> Option<&ConfigEntry<net::Sidecar>> {

@@ -30,7 +30,7 @@ const CONNECT_TIMEOUT_SECS: i64 = 10;
 pub fn generate(proxy: &Proxy, push: &PushContext) -> Vec<Cluster> {
     let mut out = vec![passthrough(), blackhole()];
     for svc in push.services.values() {
-        if !push.visible(svc, &proxy.namespace) {
+        if !push.visible_to(proxy, svc) {
             continue;
         }
         for port in &svc.ports {

@@ -209,7 +209,7 @@ fn sidecar(proxy: &Proxy, push: &PushContext) -> Vec<Listener> {
     let mut wildcard: BTreeMap<u16, WildcardPort> = BTreeMap::new();
     let mut vip_listeners: BTreeMap<String, Listener> = BTreeMap::new();
     for svc in push.services.values() {
-        if !push.visible(svc, &proxy.namespace) {
+        if !push.visible_to(proxy, svc) {
             continue;
         }
         for port in &svc.ports {
