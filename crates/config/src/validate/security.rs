@@ -101,7 +101,7 @@ fn attribute(key: &str, values: &[String]) -> names::Check {
     }
     let map_key = |k: &str| -> names::Check {
         let open = k.find('[');
-        if k.ends_with(']') && open.is_some_and(|o| o > 0 && o < k.len() - 2) {
+        if k.ends_with(']') && open.is_some_and(|o| o > 0 && o < k.len().saturating_sub(2)) {
             Ok(())
         } else {
             Err(format!("bad key ({k}): should have format a[b]"))
