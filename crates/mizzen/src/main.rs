@@ -6,7 +6,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "mizzen", version, about = "A service mesh that speaks Istio, in Rust")]
+#[command(
+    name = "mizzen",
+    version,
+    about = "A service mesh that speaks Istio, in Rust"
+)]
 struct Cli {
     /// Log filter (tracing env-filter syntax); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
@@ -24,7 +28,7 @@ enum Command {
     /// Validate Istio/Kubernetes YAML the way the pilot does; non-zero exit on errors.
     Validate(cmd::validate::ValidateArgs),
     /// Set up traffic capture rules, flag-compatible with istio-iptables.
-    Iptables(cmd::iptables::IptablesArgs),
+    Iptables(Box<cmd::iptables::IptablesArgs>),
     /// Print the version.
     Version,
 }
@@ -45,7 +49,7 @@ fn main() -> std::process::ExitCode {
         Command::Pilot(a) => cmd::pilot::run(a),
         Command::Proxy(a) => cmd::proxy::run(a),
         Command::Validate(a) => cmd::validate::run(a),
-        Command::Iptables(a) => cmd::iptables::run(a),
+        Command::Iptables(a) => cmd::iptables::run(*a),
         Command::Version => {
             println!("mizzen {}", env!("CARGO_PKG_VERSION"));
             Ok(0)

@@ -16,6 +16,9 @@ use mizzen_config::{Kind, Resource, Spec};
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 
+/// An endpoint address from an Endpoints/EndpointSlice object: IP, the pod it names, ready.
+type ExplicitAddr<'a> = (String, Option<&'a k8s::ObjectReference>, bool);
+
 /// What one adapter knows.
 #[derive(Clone, Debug, Default)]
 pub struct RegistrySnapshot {
@@ -283,10 +286,7 @@ fn kube_service(
         if other.meta.namespace != *ns {
             continue;
         }
-        let (addrs, eports): (
-            Vec<(String, Option<&k8s::ObjectReference>, bool)>,
-            &Vec<k8s::EndpointPort>,
-        ) = match &other.spec {
+        let (addrs, eports): (Vec<ExplicitAddr<'_>>, &Vec<k8s::EndpointPort>) = match &other.spec {
             Spec::Endpoints(e) if other.meta.name == r.meta.name => {
                 for subset in &e.subsets {
                     let list = subset
@@ -353,7 +353,7 @@ fn add_explicit(
     ns: &str,
     ports: &[ServicePort],
     kports: &[k8s::K8sServicePort],
-    addrs: Vec<(String, Option<&k8s::ObjectReference>, bool)>,
+    addrs: Vec<ExplicitAddr<'_>>,
     eports: &[k8s::EndpointPort],
     pods: &[(&Resource, &k8s::Pod)],
     seen: &mut HashSet<(String, u16, u16)>,
@@ -524,8 +524,12 @@ fn service_entry(
                 out.endpoints.entry(key.clone()).or_default().push(ep);
             }
             // DNS resolution with no endpoints: the host itself is resolved by the proxy.
-            if resolution == Resolution::Dns || resolution == Resolution::DnsRoundRobin {
-                if se.endpoints.is_empty() && selected.is_empty() && !host.starts_with('*') {
+            if matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin)
+                && se.endpoints.is_empty()
+                && selected.is_empty()
+                && !host.starts_with('*')
+            {
+                {
                     out.endpoints
                         .entry(key.clone())
                         .or_default()

@@ -4,6 +4,7 @@
 //! - a file that cannot be parsed at all keeps everything it contributed before;
 //! - a resource that fails validation keeps its previous good version (if any);
 //! - a deleted file takes its resources with it.
+//!
 //! Errors are kept for `/debug/configz` and the log, each naming file, object and field.
 
 use mizzen_config::load::{self, FileLoad};

@@ -104,7 +104,7 @@ fn http_filters() -> Vec<hcm::HttpFilter> {
 
 enum Routes {
     Rds(String),
-    Inline(rv3::RouteConfiguration),
+    Inline(Box<rv3::RouteConfiguration>),
 }
 
 fn http_connection_manager(stat_prefix: &str, routes: Routes, gateway: bool) -> lv3::Filter {
@@ -113,7 +113,7 @@ fn http_connection_manager(stat_prefix: &str, routes: Routes, gateway: bool) -> 
             config_source: Some(ads_config_source()),
             route_config_name: name,
         }),
-        Routes::Inline(rc) => hcm::http_connection_manager::RouteSpecifier::RouteConfig(rc),
+        Routes::Inline(rc) => hcm::http_connection_manager::RouteSpecifier::RouteConfig(*rc),
     };
     let h = HttpConnectionManager {
         stat_prefix: stat_prefix.into(),
@@ -218,11 +218,7 @@ fn sidecar(proxy: &Proxy, push: &PushContext) -> Vec<Listener> {
                 Protocol::Auto => wildcard.entry(port.port).or_default().auto = true,
                 Protocol::Https | Protocol::Tls => {
                     let target = tls_target(proxy, push, svc, port.port);
-                    let snis = if svc.hostname.starts_with('*') {
-                        vec![svc.hostname.clone()]
-                    } else {
-                        vec![svc.hostname.clone()]
-                    };
+                    let snis = vec![svc.hostname.clone()];
                     wildcard
                         .entry(port.port)
                         .or_default()
@@ -483,7 +479,7 @@ fn virtual_inbound(proxy: &Proxy, push: &PushContext) -> Listener {
             let hcm_filter = || {
                 http_connection_manager(
                     &stat,
-                    Routes::Inline(inbound_route(ep.port, &cluster)),
+                    Routes::Inline(Box::new(inbound_route(ep.port, &cluster))),
                     false,
                 )
             };
