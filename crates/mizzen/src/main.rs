@@ -29,6 +29,12 @@ enum Command {
     Validate(cmd::validate::ValidateArgs),
     /// Set up traffic capture rules, flag-compatible with istio-iptables.
     Iptables(Box<cmd::iptables::IptablesArgs>),
+    /// A mesh on this machine: pods as network namespaces with real capture and sidecars.
+    Local(cmd::local::LocalArgs),
+    /// The built-in demo application (version, pod name and IP; /delay/N, /status/N, echo).
+    SampleApp(cmd::sample_app::SampleAppArgs),
+    /// Convert legacy Istio config (v1alpha1 route-rule) into VirtualService/DestinationRule.
+    Convert(cmd::convert::ConvertArgs),
     /// Print the version.
     Version,
 }
@@ -50,6 +56,9 @@ fn main() -> std::process::ExitCode {
         Command::Proxy(a) => cmd::proxy::run(a),
         Command::Validate(a) => cmd::validate::run(a),
         Command::Iptables(a) => cmd::iptables::run(*a),
+        Command::Local(a) => cmd::local::run(a),
+        Command::SampleApp(a) => cmd::sample_app::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
         Command::Version => {
             println!("mizzen {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
