@@ -564,10 +564,6 @@ fn inbound_route(port: u16, cluster: &str) -> rv3::RouteConfiguration {
                         cluster.into(),
                     )),
                     timeout: Some(secs(0)),
-                    max_stream_duration: Some(rv3::route_action::MaxStreamDuration {
-                        max_stream_duration: Some(secs(0)),
-                        ..Default::default()
-                    }),
                     ..Default::default()
                 })),
                 ..Default::default()

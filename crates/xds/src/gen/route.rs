@@ -259,10 +259,6 @@ fn default_route(push: &PushContext, proxy: &Proxy, svc: &Service, port: u16) ->
             cluster_specifier: Some(rv3::route_action::ClusterSpecifier::Cluster(cluster)),
             retry_policy: translate::retry_policy(None, false),
             timeout: Some(translate::zero()),
-            max_stream_duration: Some(rv3::route_action::MaxStreamDuration {
-                grpc_timeout_header_max: Some(translate::zero()),
-                ..Default::default()
-            }),
             hash_policy: hash.into_iter().collect(),
             ..Default::default()
         })),
@@ -302,10 +298,6 @@ fn catch_all_vhost(proxy: &Proxy, push: &PushContext) -> VirtualHost {
                             cluster,
                         )),
                         timeout: Some(translate::zero()),
-                        max_stream_duration: Some(rv3::route_action::MaxStreamDuration {
-                            grpc_timeout_header_max: Some(translate::zero()),
-                            ..Default::default()
-                        }),
                         ..Default::default()
                     })),
                     ..Default::default()
