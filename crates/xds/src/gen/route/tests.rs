@@ -355,6 +355,14 @@ fn present_match_for_star_regex_and_jwt_claims() {
     );
     assert!(rm.headers[1].invert_match);
     assert!(!rm.headers[1].treat_missing_header_as_empty);
+    let mut odd = net::HttpMatchRequest::default();
+    odd.headers.insert(
+        "@request.auth.claimé".into(),
+        net::StringMatch::Exact("x".into()),
+    );
+    odd.headers
+        .insert("é".into(), net::StringMatch::Exact("x".into()));
+    assert_eq!(translate::route_match(Some(&odd)).headers.len(), 2);
     let md = &rm.dynamic_metadata[0];
     assert_eq!(md.filter, "istio_authn");
     assert_eq!(md.path.len(), 3);
@@ -486,6 +494,12 @@ fn route_headers_rewrite_timeout() {
             nanos: 500_000_000
         })
     );
+    // max_stream_duration would make Envoy ignore `timeout` ("new timeouts"); the
+    // deprecated max_grpc_timeout (istiod's choice) is left out too.
+    assert!(a.max_stream_duration.is_none());
+    #[allow(deprecated)]
+    let grpc_max = a.max_grpc_timeout;
+    assert_eq!(grpc_max, None);
     let keys: Vec<(&str, i32)> = r
         .request_headers_to_add
         .iter()
