@@ -21,7 +21,9 @@
 //! * **Names.** `/etc/netns/NETNS/hosts` (which `ip netns exec` bind-mounts over
 //!   `/etc/hosts`) lists the pod's own name and every service as `svc` (same namespace only),
 //!   `svc.ns` and `svc.ns.svc.cluster.local`. Every pod process is started through
-//!   `ip netns exec`, so it sees that file.
+//!   `ip netns exec`, so it sees that file. There is no cluster DNS: `resolv.conf` there
+//!   names 127.0.0.1 with a 1 s timeout, so other names fail fast instead of waiting on a
+//!   host resolver the pod cannot reach (Python's `getfqdn` alone would stall 10 s).
 //! * **Pilot.** One embedded `mizzen pilot` on the bridge address (xDS 10.244.0.1:15010,
 //!   monitoring 10.244.0.1:15014) reads a config dir generated under the state dir: the
 //!   user's mesh config (Istio objects, Namespaces), Services with their ClusterIP filled in,
@@ -80,6 +82,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Debug)]
 pub struct UpOptions {
     pub dir: PathBuf,
+    /// Read subdirectories of `dir` too (`kubectl apply -R`).
+    pub recursive: bool,
     pub state_dir: PathBuf,
     /// `--envoy`: a path, or a name looked up on PATH.
     pub envoy: String,
@@ -105,7 +109,7 @@ pub fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<Status> {
     if State::path(sd).exists() {
         return Err(LocalError::AlreadyUp(sd.clone()));
     }
-    let manifest = manifest::load_dir(&opts.dir)?;
+    let manifest = manifest::load_dir(&opts.dir, opts.recursive)?;
     if manifest.workloads.is_empty() {
         return Err(LocalError::NoPods(opts.dir.clone()));
     }
@@ -291,6 +295,8 @@ fn setup_network(st: &mut State, plan: &plan::Plan) -> Result<()> {
         std::fs::create_dir_all(&etc).map_err(|e| LocalError::io(format!("creating {}", etc.display()), e))?;
         std::fs::write(etc.join("hosts"), plan::hosts_file(p, &plan.services))
             .map_err(|e| LocalError::io(format!("writing {}/hosts", etc.display()), e))?;
+        std::fs::write(etc.join("resolv.conf"), plan::resolv_conf(p))
+            .map_err(|e| LocalError::io(format!("writing {}/resolv.conf", etc.display()), e))?;
     }
     Ok(())
 }

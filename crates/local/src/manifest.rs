@@ -90,13 +90,27 @@ impl Manifest {
     }
 }
 
-/// Read every `*.yaml|*.yml|*.json` under `dir` (or the single file `dir`), and check the
-/// mesh's part with the pilot's own validation so errors show before anything is created.
-pub fn load_dir(dir: &Path) -> Result<Manifest> {
-    let files = mizzen_config::load::config_files(dir).map_err(|e| LocalError::Manifest {
-        path: dir.to_path_buf(),
-        message: e.to_string(),
-    })?;
+/// Read the `*.yaml|*.yml|*.json` files in `dir` (or the single file `dir`), as
+/// `kubectl apply -f DIR` does: subdirectories only with `recursive` (`-R`), so alternative
+/// configs kept in a subdirectory are not applied on top. The mesh's part is checked with the
+/// pilot's own validation, so errors show before anything is created.
+pub fn load_dir(dir: &Path, recursive: bool) -> Result<Manifest> {
+    let files = if recursive || dir.is_file() {
+        mizzen_config::load::config_files(dir).map_err(|e| LocalError::Manifest {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        })?
+    } else {
+        let rd = std::fs::read_dir(dir).map_err(|e| LocalError::io(format!("reading {}", dir.display()), e))?;
+        let mut files: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && mizzen_config::load::is_config_file(p))
+            .filter(|p| !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')))
+            .collect();
+        files.sort();
+        files
+    };
     let mut m = Manifest::default();
     let mut errors = Vec::new();
     for f in &files {
@@ -107,10 +121,42 @@ pub fn load_dir(dir: &Path) -> Result<Manifest> {
         }
         load_text(f, &text, &mut m)?;
     }
+    errors.extend(duplicates(&m));
     if !errors.is_empty() {
         return Err(LocalError::Config(errors));
     }
     Ok(m)
+}
+
+/// Objects defined twice (kind, namespace, name): the pilot would ignore the second one
+/// silently as far as the user is concerned, so say it up front.
+fn duplicates(m: &Manifest) -> Vec<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    let keys = m
+        .mesh_config
+        .iter()
+        .map(|v| {
+            (
+                s(v, &["kind"]).unwrap_or_default(),
+                s(v, &["metadata", "namespace"]).unwrap_or_else(|| "default".into()),
+                s(v, &["metadata", "name"]).unwrap_or_default(),
+            )
+        })
+        .chain(m.services.iter().map(|x| ("Service".to_string(), x.namespace.clone(), x.name.clone())))
+        .chain(m.workloads.iter().map(|w| {
+            let kind = if w.bare_pod { "Pod" } else { "Deployment" };
+            (kind.to_string(), w.namespace.clone(), w.name.clone())
+        }));
+    for k in keys {
+        if k.0 == "Namespace" {
+            continue;
+        }
+        if !seen.insert(k.clone()) {
+            out.push(format!("{} {}/{} is defined more than once", k.0, k.1, k.2));
+        }
+    }
+    out
 }
 
 /// Decode one file's documents into `m`.

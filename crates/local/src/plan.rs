@@ -443,6 +443,18 @@ pub fn hosts_file(pod: &PodPlan, services: &[ServicePlan]) -> String {
     out
 }
 
+/// The pod's `/etc/resolv.conf`: Kubernetes' search path, and a resolver that answers
+/// nothing at once (see the crate docs).
+pub fn resolv_conf(pod: &PodPlan) -> String {
+    format!(
+        "# written by mizzen local: names come from /etc/hosts; there is no cluster DNS\n\
+         search {ns}.svc.{DOMAIN} svc.{DOMAIN} {DOMAIN}\n\
+         nameserver 127.0.0.1\n\
+         options ndots:5 timeout:1 attempts:1\n",
+        ns = pod.namespace
+    )
+}
+
 /// kube-proxy's job for pods without a sidecar: `ClusterIP:port` -> a random endpoint. Each
 /// rule is the argument list after `iptables -t nat -A MIZZEN-SERVICES`. With n endpoints
 /// rule i matches with probability 1/(n-i), which makes the choice uniform.

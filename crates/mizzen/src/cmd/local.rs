@@ -21,6 +21,9 @@ enum LocalCommand {
     Up {
         /// Directory (or file) of Kubernetes + Istio YAML.
         dir: PathBuf,
+        /// Also read the subdirectories of DIR (like `kubectl apply -R`).
+        #[arg(short = 'R', long)]
+        recursive: bool,
         /// The Envoy binary the proxies run (a path, or a name looked up on PATH).
         #[arg(long, default_value = "envoy")]
         envoy: String,
@@ -71,9 +74,10 @@ fn parse_publish(s: &str) -> Result<(u16, u16), String> {
 pub fn run(args: LocalArgs) -> anyhow::Result<u8> {
     let sd = args.state_dir;
     match args.command {
-        LocalCommand::Up { dir, envoy, timeout, publish, keep_on_failure } => {
+        LocalCommand::Up { dir, recursive, envoy, timeout, publish, keep_on_failure } => {
             let opts = UpOptions {
                 dir: dir.clone(),
+                recursive,
                 state_dir: sd.clone(),
                 envoy,
                 mizzen: std::env::current_exe().context("locating the mizzen binary")?,
