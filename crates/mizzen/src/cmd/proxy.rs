@@ -1,8 +1,170 @@
-//! `mizzen proxy`.
+//! `mizzen proxy sidecar|router`: the data plane.
+//!
+//! With `--envoy PATH` this is the pilot-agent role: resolve the proxy identity, write Envoy's
+//! bootstrap, supervise Envoy, serve `/healthz/ready`, drain on SIGTERM. Without it, it would
+//! be the native Mizzen proxy, which does not exist yet; we say so instead of pretending.
+
+use anyhow::Context;
+use mizzen_agent::bootstrap::BootstrapOptions;
+use mizzen_agent::{AgentConfig, DiscoveryAddress, HostInfo, Identity, IdentityInput, ProxyType};
+use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(clap::Args)]
-pub struct ProxyArgs {}
+pub struct ProxyArgs {
+    /// Proxy type: `sidecar` (next to an application) or `router` (a gateway).
+    #[arg(value_parser = ["sidecar", "router"])]
+    proxy_type: String,
+    /// The pilot's xDS (ADS) address.
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    discovery_address: String,
+    /// Pod name [env: POD_NAME; default: hostname].
+    #[arg(long)]
+    pod_name: Option<String>,
+    /// Namespace [env: POD_NAMESPACE; default: default].
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Workload IP [env: INSTANCE_IP; default: first non-loopback IPv4, else 127.0.0.1].
+    #[arg(long)]
+    ip: Option<String>,
+    /// Kubernetes service account [env: SERVICE_ACCOUNT; default: default].
+    #[arg(long)]
+    service_account: Option<String>,
+    /// Workload label KEY=VALUE (repeatable); merged over ISTIO_METAJSON_LABELS.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Cluster id [env: ISTIO_META_CLUSTER_ID; default: Kubernetes].
+    #[arg(long)]
+    cluster_id: Option<String>,
+    /// Cluster DNS domain.
+    #[arg(long, default_value = "cluster.local")]
+    domain: String,
+    /// Envoy admin port (bound on 127.0.0.1 only).
+    #[arg(long, default_value_t = 15000)]
+    admin_port: u16,
+    /// Health port serving /healthz/ready (served by the agent).
+    #[arg(long, default_value_t = 15021)]
+    status_port: u16,
+    /// Prometheus port serving /stats/prometheus (an Envoy listener).
+    #[arg(long, default_value_t = 15090)]
+    stats_port: u16,
+    /// Envoy worker threads.
+    #[arg(long, default_value_t = 2)]
+    concurrency: u16,
+    /// Run and supervise this Envoy binary (the agent role). Required until the native proxy
+    /// exists.
+    #[arg(long, value_name = "PATH")]
+    envoy: Option<PathBuf>,
+    /// Directory for the generated bootstrap (envoy-rev.json) [default: /tmp/mizzen-agent-PID].
+    #[arg(long, value_name = "DIR")]
+    config_path: Option<PathBuf>,
+    /// How long listeners drain on shutdown, e.g. 5s, 500ms, 1m.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain_duration: Duration,
+    /// Envoy's log level (trace, debug, info, warning, error, critical, off). Named like
+    /// Istio's `--proxyLogLevel`: `--log-level` is the agent's own global log filter.
+    #[arg(long, alias = "proxyLogLevel", default_value = "warning",
+          value_parser = ["trace", "debug", "info", "warning", "warn", "error", "critical", "off"])]
+    proxy_log_level: String,
+}
 
-pub fn run(_args: ProxyArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("mizzen proxy is not implemented yet")
+/// `500ms`, `5s`, `2m`, or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s or 1m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
+    let Some(envoy) = args.envoy.clone() else {
+        anyhow::bail!(
+            "the native Mizzen proxy is not available yet; pass --envoy PATH to run Envoy \
+             as the data plane (e.g. --envoy $(which envoy))"
+        );
+    };
+    let proxy_type: ProxyType = args.proxy_type.parse()?;
+    let discovery: DiscoveryAddress = args.discovery_address.parse()?;
+    let input = IdentityInput {
+        pod_name: args.pod_name,
+        namespace: args.namespace,
+        ip: args.ip,
+        service_account: args.service_account,
+        labels: args.labels,
+        cluster_id: args.cluster_id,
+        domain: Some(args.domain),
+    };
+    let env = std::env::vars().collect();
+    let identity = Identity::resolve(proxy_type, &input, &env, &HostInfo::detect())?;
+
+    // A per-process default directory, removed again on exit; an explicit --config-path is
+    // the operator's and is left in place for inspection.
+    let (config_dir, remove_dir) = match args.config_path {
+        Some(p) => (p, false),
+        None => (
+            std::env::temp_dir().join(format!("mizzen-agent-{}", std::process::id())),
+            true,
+        ),
+    };
+    let log_level = match args.proxy_log_level.as_str() {
+        "warn" => "warning".to_string(),
+        l => l.to_string(),
+    };
+    let cfg = AgentConfig {
+        identity,
+        bootstrap: BootstrapOptions {
+            discovery,
+            admin_port: args.admin_port,
+            stats_port: args.stats_port,
+        },
+        config_dir: config_dir.clone(),
+        status_port: args.status_port,
+        envoy_binary: envoy,
+        concurrency: args.concurrency,
+        log_level,
+        drain_duration: args.drain_duration,
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = rt.block_on(async {
+        let signals = mizzen_agent::ShutdownSignals::register()?;
+        let agent = mizzen_agent::Agent::start(cfg, signals.recv()).await?;
+        agent.wait().await
+    });
+    if remove_dir {
+        if let Err(e) = std::fs::remove_dir_all(&config_dir) {
+            tracing::debug!(dir = %config_dir.display(), error = %e, "removing config dir");
+        }
+    }
+    result?;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("abc").is_err());
+    }
 }
