@@ -105,7 +105,9 @@ pub fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<Status> {
     if !sys::is_root() {
         return Err(LocalError::NotRoot);
     }
-    let sd = &opts.state_dir;
+    // Absolute: the supervisor and every process spec use it from other directories.
+    let sd = &std::path::absolute(&opts.state_dir)
+        .map_err(|e| LocalError::io(format!("resolving {}", opts.state_dir.display()), e))?;
     if State::path(sd).exists() {
         return Err(LocalError::AlreadyUp(sd.clone()));
     }
@@ -121,7 +123,9 @@ pub fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<Status> {
     }
     for d in ["bin", "config", "logs", "pods"] {
         let p = sd.join(d);
-        if d == "config" || d == "pods" {
+        // Logs of a previous mesh were kept by `down` for a post-mortem; a new mesh starts
+        // with fresh ones, so failure reports show only this run.
+        if d != "bin" {
             let _ = std::fs::remove_dir_all(&p);
         }
         std::fs::create_dir_all(&p).map_err(|e| LocalError::io(format!("creating {}", p.display()), e))?;
@@ -131,7 +135,7 @@ pub fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<Status> {
     let plan = plan::plan(&manifest, &bins, &plan::command_exists)?;
     let mut st = State {
         source: manifest::describe(&opts.dir),
-        state_dir: sd.clone(),
+        state_dir: sd.to_path_buf(),
         bins: Some(bins.clone()),
         plan: Some(plan.clone()),
         ..Default::default()
@@ -447,6 +451,8 @@ fn start_supervisor(st: &mut State, bins: &Bins) -> Result<()> {
     let child = std::process::Command::new(&bins.mizzen)
         .args(["local", "supervise", "--state-dir"])
         .arg(&st.state_dir)
+        // Log files, not terminals: no colour escapes (the children inherit this).
+        .env("NO_COLOR", "1")
         .stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(err)
