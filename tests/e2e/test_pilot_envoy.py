@@ -82,9 +82,12 @@ class RouterMesh:
         return render(CONFIGS / "router" / f"{name}.yaml.tmpl", {**self.values, **extra})
 
 
-@pytest.fixture(scope="module")
-def mesh(mizzen_bin, envoy_bin, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("router")
+@pytest.fixture(scope="module", params=["delta", "sotw"])
+def mesh(request, mizzen_bin, envoy_bin, tmp_path_factory):
+    """The router mesh, once with incremental (delta) ADS and once with state-of-the-world:
+    the pilot serves both, and every routing test must pass over each."""
+    xds_mode = request.param
+    workdir = tmp_path_factory.mktemp(f"router-{xds_mode}")
     web_port = port_free_on_all([WEB_V1_IP, WEB_V2_IP])
     backends = {
         "web-v1": Backend("web-v1", "v1", WEB_V1_IP, web_port),
@@ -109,13 +112,15 @@ def mesh(mizzen_bin, envoy_bin, tmp_path_factory):
         proxy = EnvoyProxy(mizzen_bin, resolve_envoy_elf(str(envoy_bin)), "router", pilot.xds_address,
                            pod_name="ingress-gw-0", namespace="istio-system", ip=ROUTER_IP,
                            labels={"istio": "ingressgateway", "app": "istio-ingressgateway"},
-                           workdir=workdir).start()
+                           workdir=workdir, extra_args=["--xds-mode", xds_mode]).start()
         gw = Gateway(gateway_port)
         # Ready means Envoy has its listeners; give routes a bounded moment to arrive too.
         wait_until(lambda: gw.get("split.example.com", "/", timeout=2).headers.get("x-backend")
                    in ("web-v1", "web-v2"), 15, what=f"split.example.com routed via 127.0.0.1:{gateway_port}",
                    proc=proxy.proc)
-        yield RouterMesh(pilot, proxy, gw, gateway_port, backends, values)
+        m = RouterMesh(pilot, proxy, gw, gateway_port, backends, values)
+        m.xds_mode = xds_mode
+        yield m
     finally:
         if gw is not None:
             gw.close()
@@ -130,6 +135,7 @@ def mesh(mizzen_bin, envoy_bin, tmp_path_factory):
 def test_router_gets_all_config_with_zero_rejections(mesh: RouterMesh):
     p = wait_acked(mesh.pilot, mesh.proxy.node_id)
     assert p["type"] == "router"
+    assert p["delta"] is (mesh.xds_mode == "delta"), "the stream variant the agent asked for"
     mesh.proxy.assert_no_rejected_updates()
 
     names = mesh.proxy.dynamic_names()

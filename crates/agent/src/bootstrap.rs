@@ -54,6 +54,8 @@ pub struct BootstrapOptions {
     pub admin_port: u16,
     /// Prometheus listener (`/stats/prometheus`), bound on 0.0.0.0.
     pub stats_port: u16,
+    /// Incremental (delta) ADS, Istio's default since 1.22; `false` is state of the world.
+    pub delta: bool,
 }
 
 /// Build the bootstrap JSON for `identity`.
@@ -91,7 +93,7 @@ pub fn build(identity: &Identity, opts: &BootstrapOptions) -> Value {
         },
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": if opts.delta { "DELTA_GRPC" } else { "GRPC" },
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": true,
                 "grpc_services": [{ "envoy_grpc": { "cluster_name": "xds-grpc" } }]
@@ -274,6 +276,7 @@ mod tests {
             discovery: discovery.parse().unwrap(),
             admin_port: 15000,
             stats_port: 15090,
+            delta: false,
         }
     }
 

@@ -68,6 +68,7 @@ fn config(discovery: String, labels: &[&str], tag: &str) -> (AgentConfig, Ports)
             discovery: discovery.parse().unwrap(),
             admin_port: ports.admin,
             stats_port: ports.stats,
+            delta: true,
         },
         config_dir: std::env::temp_dir()
             .join(format!("mizzen-agent-test-{tag}-{}", std::process::id())),

@@ -44,6 +44,7 @@ fn validate(proxy_type: ProxyType, discovery: &str, env: &[(&str, &str)]) {
             discovery: discovery.parse().unwrap(),
             admin_port: 15000,
             stats_port: 15090,
+            delta: proxy_type == ProxyType::Sidecar,
         },
     );
     let dir = std::env::temp_dir().join(format!(

@@ -48,6 +48,9 @@ pub struct ProxyArgs {
     /// Prometheus port serving /stats/prometheus (an Envoy listener).
     #[arg(long, default_value_t = 15090)]
     stats_port: u16,
+    /// xDS variant: incremental (delta, Istio's default) or state of the world (sotw).
+    #[arg(long, default_value = "delta", value_parser = ["delta", "sotw"], env = "MIZZEN_XDS_MODE")]
+    xds_mode: String,
     /// Envoy worker threads.
     #[arg(long, default_value_t = 2)]
     concurrency: u16,
@@ -127,6 +130,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
             discovery,
             admin_port: args.admin_port,
             stats_port: args.stats_port,
+            delta: args.xds_mode == "delta",
         },
         config_dir: config_dir.clone(),
         status_port: args.status_port,
