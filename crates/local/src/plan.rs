@@ -38,11 +38,15 @@ pub fn capture_flags() -> Vec<String> {
     .collect()
 }
 
-/// Binaries the processes run. Copies inside the state dir, so uid 1337 can reach them.
+/// What the processes run and where they find the pilot: the binaries (copies inside the
+/// state dir, so uid 1337 can reach them) and the pilot's ports on the bridge address.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Bins {
     pub mizzen: PathBuf,
     pub envoy: PathBuf,
+    /// Istio's 15010 / 15014 unless something on this host holds them.
+    pub xds_port: u16,
+    pub monitoring_port: u16,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,7 +315,7 @@ pub fn proxy_identity_args(
         "--envoy".into(),
         bins.envoy.display().to_string(),
         "--discovery-address".into(),
-        format!("{BRIDGE_IP}:{PILOT_XDS_PORT}"),
+        format!("{BRIDGE_IP}:{}", bins.xds_port),
         "--pod-name".into(),
         pod.to_string(),
         "--namespace".into(),
@@ -638,7 +642,7 @@ spec:
 "#;
 
     fn bins() -> Bins {
-        Bins { mizzen: "/s/bin/mizzen".into(), envoy: "/s/bin/envoy".into() }
+        Bins { mizzen: "/s/bin/mizzen".into(), envoy: "/s/bin/envoy".into(), xds_port: 15010, monitoring_port: 15014 }
     }
 
     fn setup() -> (Manifest, Plan) {
