@@ -1,8 +1,8 @@
 //! `mizzen proxy sidecar|router`: the data plane.
 //!
 //! With `--envoy PATH` this is the pilot-agent role: resolve the proxy identity, write Envoy's
-//! bootstrap, supervise Envoy, serve `/healthz/ready`, drain on SIGTERM. Without it, it would
-//! be the native Mizzen proxy, which does not exist yet; we say so instead of pretending.
+//! bootstrap, supervise Envoy, serve `/healthz/ready`, drain on SIGTERM. Without it, it
+//! runs the native Mizzen proxy (`mizzen-proxy`) with the same identity and ports.
 
 use anyhow::Context;
 use mizzen_agent::bootstrap::BootstrapOptions;
@@ -54,8 +54,8 @@ pub struct ProxyArgs {
     /// Envoy worker threads.
     #[arg(long, default_value_t = 2)]
     concurrency: u16,
-    /// Run and supervise this Envoy binary (the agent role). Required until the native proxy
-    /// exists.
+    /// Run and supervise this Envoy binary (the agent role). Without it the native Mizzen
+    /// proxy serves the traffic itself.
     #[arg(long, value_name = "PATH")]
     envoy: Option<PathBuf>,
     /// Directory for the generated bootstrap (envoy-rev.json) [default: /tmp/mizzen-agent-PID].
@@ -92,10 +92,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
     let Some(envoy) = args.envoy.clone() else {
-        anyhow::bail!(
-            "the native Mizzen proxy is not available yet; pass --envoy PATH to run Envoy \
-             as the data plane (e.g. --envoy $(which envoy))"
-        );
+        return run_native(args);
     };
     let proxy_type: ProxyType = args.proxy_type.parse()?;
     let discovery: DiscoveryAddress = args.discovery_address.parse()?;
@@ -155,6 +152,54 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
         }
     }
     result?;
+    Ok(0)
+}
+
+/// The native data plane: same identity resolution and ports as the agent, but the proxy is
+/// this process.
+fn run_native(args: ProxyArgs) -> anyhow::Result<u8> {
+    if args.xds_mode != "delta" {
+        anyhow::bail!(
+            "the native proxy speaks delta xDS only for now; drop --xds-mode {} (or pass \
+             --envoy PATH to run Envoy)",
+            args.xds_mode
+        );
+    }
+    let proxy_type: ProxyType = args.proxy_type.parse()?;
+    let discovery: DiscoveryAddress = args.discovery_address.parse()?;
+    let input = IdentityInput {
+        pod_name: args.pod_name,
+        namespace: args.namespace,
+        ip: args.ip,
+        service_account: args.service_account,
+        labels: args.labels,
+        cluster_id: args.cluster_id,
+        domain: Some(args.domain),
+    };
+    let env = std::env::vars().collect();
+    let identity = Identity::resolve(proxy_type, &input, &env, &HostInfo::detect())?;
+    let opts = mizzen_proxy::ProxyOptions {
+        node: identity.node(),
+        discovery_address: discovery.to_string(),
+        admin_port: args.admin_port,
+        status_port: args.status_port,
+        stats_port: args.stats_port,
+        drain_duration: args.drain_duration,
+        reporter: match proxy_type {
+            ProxyType::Sidecar => "sidecar",
+            ProxyType::Router => "router",
+        },
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.concurrency.max(1)))
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let signals = mizzen_agent::ShutdownSignals::register()?;
+        mizzen_proxy::run(opts, signals.recv()).await?;
+        anyhow::Ok(())
+    })?;
     Ok(0)
 }
 

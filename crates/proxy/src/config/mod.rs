@@ -1,0 +1,309 @@
+//! Mizzen's own model of the data-plane config: what the proxy actually honours.
+//!
+//! These types are deliberately smaller than Envoy's protos. Every xDS resource is converted
+//! into them by [`proto`] (a `TryFrom` per resource kind); a field that would change behaviour
+//! and that we do not implement is a conversion error, so the resource is NACKed instead of
+//! being half-applied. Regexes are compiled here, once per resource version, so a bad pattern
+//! is a NACK and the request path never compiles anything.
+
+pub mod proto;
+
+use regex::Regex;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A compiled regex that must match the whole input (Envoy's `safe_regex` semantics).
+#[derive(Clone, Debug)]
+pub struct FullRegex(pub Arc<Regex>);
+
+impl FullRegex {
+    pub fn new(pattern: &str) -> Result<FullRegex, regex::Error> {
+        Regex::new(&format!("^(?:{pattern})$")).map(|r| FullRegex(Arc::new(r)))
+    }
+    pub fn is_match(&self, s: &str) -> bool {
+        self.0.is_match(s)
+    }
+}
+
+// ------------------------------------------------------------------ listeners
+
+#[derive(Clone, Debug)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    /// False for the sidecar's per-service listeners: they only receive connections handed
+    /// over by `virtualOutbound`.
+    pub bind_to_port: bool,
+    /// `virtualOutbound`: hand each connection to the listener of its original destination.
+    pub use_original_dst: bool,
+    pub filter_chains: Vec<FilterChain>,
+    pub default_chain: Option<FilterChain>,
+}
+
+#[derive(Clone, Debug)]
+pub struct FilterChain {
+    pub name: String,
+    pub matcher: ChainMatch,
+    pub filter: NetworkFilter,
+}
+
+/// Envoy's `FilterChainMatch`, reduced to the fields the pilot emits. Empty = any.
+#[derive(Clone, Debug, Default)]
+pub struct ChainMatch {
+    pub destination_port: Option<u16>,
+    pub prefix_ranges: Vec<(IpAddr, u8)>,
+    pub server_names: Vec<String>,
+    /// `raw_buffer` or `tls`.
+    pub transport_protocol: Option<String>,
+    pub application_protocols: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub enum NetworkFilter {
+    Http(HttpConnectionManager),
+    Tcp(TcpProxy),
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpConnectionManager {
+    pub stat_prefix: String,
+    pub routes: RouteSource,
+    /// Names of the fault / router filters present; a route's fault config only applies when
+    /// the listener installed the fault filter (as in Envoy).
+    pub fault_filter: bool,
+}
+
+#[derive(Clone, Debug)]
+pub enum RouteSource {
+    /// By name over RDS.
+    Rds(String),
+    Inline(Arc<RouteConfig>),
+}
+
+#[derive(Clone, Debug)]
+pub struct TcpProxy {
+    pub stat_prefix: String,
+    pub target: ClusterTarget,
+}
+
+#[derive(Clone, Debug)]
+pub enum ClusterTarget {
+    Single(String),
+    Weighted(Vec<WeightedCluster>),
+}
+
+#[derive(Clone, Debug)]
+pub struct WeightedCluster {
+    pub name: String,
+    pub weight: u32,
+    pub headers: HeaderOps,
+    pub host_rewrite: Option<String>,
+}
+
+// ------------------------------------------------------------------ routes
+
+#[derive(Clone, Debug)]
+pub struct RouteConfig {
+    pub name: String,
+    pub virtual_hosts: Vec<VirtualHost>,
+    pub ignore_port_in_host_matching: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct VirtualHost {
+    pub name: String,
+    pub domains: Vec<String>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub name: String,
+    pub matcher: RouteMatch,
+    pub action: Action,
+    pub fault: Option<Fault>,
+    pub headers: HeaderOps,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct HeaderOps {
+    /// (name, value, append): append=false overwrites.
+    pub request_add: Vec<(http::HeaderName, http::HeaderValue, bool)>,
+    pub request_remove: Vec<http::HeaderName>,
+    pub response_add: Vec<(http::HeaderName, http::HeaderValue, bool)>,
+    pub response_remove: Vec<http::HeaderName>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    pub case_sensitive: bool,
+    pub headers: Vec<HeaderMatch>,
+    pub query: Vec<QueryMatch>,
+}
+
+#[derive(Clone, Debug)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+    Regex(FullRegex),
+}
+
+#[derive(Clone, Debug)]
+pub enum StringMatch {
+    Exact { value: String, ignore_case: bool },
+    Prefix { value: String, ignore_case: bool },
+    Suffix { value: String, ignore_case: bool },
+    Contains { value: String, ignore_case: bool },
+    Regex(FullRegex),
+}
+
+#[derive(Clone, Debug)]
+pub enum ValueMatch {
+    Present(bool),
+    String(StringMatch),
+}
+
+#[derive(Clone, Debug)]
+pub struct HeaderMatch {
+    pub name: String,
+    pub value: ValueMatch,
+    pub invert: bool,
+    pub treat_missing_as_empty: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct QueryMatch {
+    pub name: String,
+    pub value: ValueMatch,
+}
+
+#[derive(Clone, Debug)]
+pub enum Action {
+    Route(RouteAction),
+    Redirect(Redirect),
+    Direct { status: u16, body: bytes::Bytes },
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteAction {
+    pub target: ClusterTarget,
+    /// None = no timeout (Envoy's `0s`).
+    pub timeout: Option<Duration>,
+    pub prefix_rewrite: Option<String>,
+    pub regex_rewrite: Option<(FullRegex, String)>,
+    pub host_rewrite: Option<String>,
+    pub retry: Option<RetryPolicy>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Redirect {
+    pub status: u16,
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<String>,
+    pub prefix_rewrite: Option<String>,
+    pub strip_query: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RetryOn {
+    pub five_xx: bool,
+    pub gateway_error: bool,
+    pub connect_failure: bool,
+    pub reset: bool,
+    pub refused_stream: bool,
+    pub retriable_4xx: bool,
+    pub retriable_status_codes: bool,
+    /// gRPC statuses from `grpc-status` response headers (cancelled, unavailable, ...).
+    pub grpc_codes: Vec<u32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    pub on: RetryOn,
+    pub num_retries: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub status_codes: Vec<u16>,
+}
+
+/// A fraction as Envoy expresses it: `numerator / denominator`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fraction {
+    pub numerator: u32,
+    pub denominator: u32,
+}
+
+#[derive(Clone, Debug)]
+pub enum AbortKind {
+    Http(u16),
+    Grpc(u32),
+}
+
+#[derive(Clone, Debug)]
+pub struct Fault {
+    pub delay: Option<(Duration, Fraction)>,
+    pub abort: Option<(AbortKind, Fraction)>,
+}
+
+// ------------------------------------------------------------------ clusters
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiscoveryKind {
+    Eds,
+    Static,
+    StrictDns,
+    OriginalDst,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LbPolicy {
+    RoundRobin,
+    LeastRequest,
+    Random,
+    /// ORIGINAL_DST: the connection's own destination.
+    ClusterProvided,
+}
+
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    pub name: String,
+    pub kind: DiscoveryKind,
+    pub lb: LbPolicy,
+    pub connect_timeout: Duration,
+    /// Upstream speaks HTTP/2 (prior knowledge, h2c).
+    pub http2: bool,
+    /// EDS service name to subscribe (defaults to the cluster name).
+    pub eds_name: Option<String>,
+    /// STATIC / STRICT_DNS endpoints from `load_assignment`.
+    pub inline_endpoints: Vec<Endpoint>,
+    pub outlier: Option<OutlierDetection>,
+}
+
+/// Consecutive-error ejection (Istio's `outlierDetection`; success-rate ejection is off in
+/// Istio and rejected here).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutlierDetection {
+    pub consecutive_5xx: Option<u32>,
+    pub consecutive_gateway: Option<u32>,
+    pub base_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// An IP, or a DNS name for STRICT_DNS clusters (resolved when connecting).
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+    pub healthy: bool,
+}
+
+/// A `ClusterLoadAssignment`.
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    pub cluster: String,
+    pub endpoints: Vec<Endpoint>,
+}

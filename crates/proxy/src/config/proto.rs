@@ -1,0 +1,1076 @@
+//! Envoy xDS protos -> [`crate::config`] types.
+//!
+//! One `TryFrom` per resource kind. The rule: a field the pilot can emit that changes what
+//! the proxy does, and that we do not implement, fails the conversion with a message naming
+//! the resource and the field. The xDS client turns that into a NACK of that one resource, so
+//! the operator sees exactly what to change and the last good version keeps serving.
+//! Fields that only tune things we do not model yet (stat prefixes, access logs, circuit
+//! breaker thresholds Istio sets to "unlimited") are accepted.
+
+use super::*;
+use envoy_types::pb::envoy::config::cluster::v3 as cv3;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3 as ev3;
+use envoy_types::pb::envoy::config::listener::v3 as lv3;
+use envoy_types::pb::envoy::config::route::v3 as rv3;
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as faultv3;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcpv3;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upv3;
+use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
+use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+
+/// Why a resource cannot be honoured. `resource` names it; `field` is the proto path inside
+/// it, so the NACK tells the operator precisely what to change.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("{resource}: {field}: {reason}")]
+pub struct ConvertError {
+    pub resource: String,
+    pub field: String,
+    pub reason: String,
+}
+
+/// Errors built inside a resource before its name is attached.
+#[derive(Debug)]
+struct FieldError {
+    field: String,
+    reason: String,
+}
+
+type FResult<T> = Result<T, FieldError>;
+
+fn bad<T>(field: impl Into<String>, reason: impl Into<String>) -> FResult<T> {
+    Err(FieldError {
+        field: field.into(),
+        reason: reason.into(),
+    })
+}
+
+fn within(prefix: &str, e: FieldError) -> FieldError {
+    FieldError {
+        field: format!("{prefix}.{}", e.field),
+        reason: e.reason,
+    }
+}
+
+fn named(resource: &str, e: FieldError) -> ConvertError {
+    ConvertError {
+        resource: resource.to_string(),
+        field: e.field,
+        reason: e.reason,
+    }
+}
+
+fn unpack<M: Message + Default + prost::Name>(field: &str, any: &Any) -> FResult<M> {
+    if any.type_url != M::type_url() {
+        return bad(
+            field,
+            format!("unsupported type {} (want {})", any.type_url, M::type_url()),
+        );
+    }
+    M::decode(any.value.as_slice()).or_else(|e| bad(field, format!("cannot decode: {e}")))
+}
+
+fn duration(d: &envoy_types::pb::google::protobuf::Duration) -> Duration {
+    let secs = u64::try_from(d.seconds).unwrap_or(0);
+    let nanos = u32::try_from(d.nanos).unwrap_or(0);
+    Duration::new(secs, nanos)
+}
+
+fn regex(field: &str, pattern: &str) -> FResult<FullRegex> {
+    FullRegex::new(pattern).or_else(|e| bad(field, format!("invalid regex {pattern:?}: {e}")))
+}
+
+fn socket_address(field: &str, a: Option<&core::Address>) -> FResult<(String, u16)> {
+    let Some(core::address::Address::SocketAddress(sa)) = a.and_then(|a| a.address.as_ref()) else {
+        return bad(field, "only socket addresses are supported");
+    };
+    let port = match sa.port_specifier {
+        Some(core::socket_address::PortSpecifier::PortValue(p)) => {
+            u16::try_from(p).or_else(|_| bad(field, format!("port {p} out of range")))?
+        }
+        _ => return bad(field, "named ports are not supported"),
+    };
+    Ok((sa.address.clone(), port))
+}
+
+// ------------------------------------------------------------------ listeners
+
+const HCM_NAME: &str = "envoy.filters.network.http_connection_manager";
+const TCP_PROXY_NAME: &str = "envoy.filters.network.tcp_proxy";
+const FAULT_FILTER: &str = "envoy.filters.http.fault";
+const CORS_FILTER: &str = "envoy.filters.http.cors";
+const ROUTER_FILTER: &str = "envoy.filters.http.router";
+/// Listener filters whose job our own accept path does (original destination, TLS and HTTP
+/// sniffing), so accepting them changes nothing.
+const KNOWN_LISTENER_FILTERS: [&str; 3] = [
+    "envoy.filters.listener.original_dst",
+    "envoy.filters.listener.tls_inspector",
+    "envoy.filters.listener.http_inspector",
+];
+
+impl TryFrom<&lv3::Listener> for Listener {
+    type Error = ConvertError;
+    fn try_from(l: &lv3::Listener) -> Result<Self, ConvertError> {
+        listener(l).map_err(|e| named(&format!("listener {}", l.name), e))
+    }
+}
+
+fn listener(l: &lv3::Listener) -> FResult<Listener> {
+    let (host, port) = socket_address("address", l.address.as_ref())?;
+    let ip: IpAddr = host
+        .parse()
+        .or_else(|_| bad("address", format!("{host:?} is not an IP")))?;
+    for (i, f) in l.listener_filters.iter().enumerate() {
+        if !KNOWN_LISTENER_FILTERS.contains(&f.name.as_str()) {
+            return bad(
+                format!("listener_filters[{i}]"),
+                format!("listener filter {} is not supported", f.name),
+            );
+        }
+    }
+    let filter_chains = l
+        .filter_chains
+        .iter()
+        .enumerate()
+        .map(|(i, c)| filter_chain(c).map_err(|e| within(&format!("filter_chains[{i}]"), e)))
+        .collect::<FResult<Vec<_>>>()?;
+    let default_chain = l
+        .default_filter_chain
+        .as_ref()
+        .map(|c| filter_chain(c).map_err(|e| within("default_filter_chain", e)))
+        .transpose()?;
+    Ok(Listener {
+        name: l.name.clone(),
+        address: SocketAddr::new(ip, port),
+        bind_to_port: l.bind_to_port.as_ref().is_none_or(|b| b.value),
+        use_original_dst: l.use_original_dst.as_ref().is_some_and(|b| b.value),
+        filter_chains,
+        default_chain,
+    })
+}
+
+fn filter_chain(c: &lv3::FilterChain) -> FResult<FilterChain> {
+    if c.transport_socket.is_some() {
+        return bad(
+            "transport_socket",
+            "TLS termination on a filter chain is not supported yet",
+        );
+    }
+    let matcher = match &c.filter_chain_match {
+        None => ChainMatch::default(),
+        Some(m) => chain_match(m).map_err(|e| within("filter_chain_match", e))?,
+    };
+    let filter = match c.filters.as_slice() {
+        [f] => network_filter(f).map_err(|e| within("filters[0]", e))?,
+        [] => return bad("filters", "a filter chain without filters is not supported"),
+        _ => {
+            return bad(
+                "filters",
+                format!(
+                    "{} network filters; only one terminal filter (HCM or tcp_proxy) is supported",
+                    c.filters.len()
+                ),
+            )
+        }
+    };
+    Ok(FilterChain {
+        name: c.name.clone(),
+        matcher,
+        filter,
+    })
+}
+
+fn chain_match(m: &lv3::FilterChainMatch) -> FResult<ChainMatch> {
+    if !m.source_prefix_ranges.is_empty() || !m.source_ports.is_empty() {
+        return bad("source_prefix_ranges", "source matching is not supported");
+    }
+    if !m.direct_source_prefix_ranges.is_empty() {
+        return bad(
+            "direct_source_prefix_ranges",
+            "source matching is not supported",
+        );
+    }
+    let mut prefix_ranges = Vec::new();
+    for (i, r) in m.prefix_ranges.iter().enumerate() {
+        let ip: IpAddr = r.address_prefix.parse().or_else(|_| {
+            bad(
+                format!("prefix_ranges[{i}]"),
+                format!("{:?} is not an IP", r.address_prefix),
+            )
+        })?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let len = r.prefix_len.as_ref().map_or(max, |l| l.value);
+        let len = u8::try_from(len.min(max)).unwrap_or(0);
+        prefix_ranges.push((ip, len));
+    }
+    Ok(ChainMatch {
+        destination_port: m
+            .destination_port
+            .as_ref()
+            .map(|p| u16::try_from(p.value).or_else(|_| bad("destination_port", "out of range")))
+            .transpose()?,
+        prefix_ranges,
+        server_names: m.server_names.clone(),
+        transport_protocol: Some(m.transport_protocol.clone()).filter(|t| !t.is_empty()),
+        application_protocols: m.application_protocols.clone(),
+    })
+}
+
+fn network_filter(f: &lv3::Filter) -> FResult<NetworkFilter> {
+    let Some(lv3::filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+        return bad(
+            "typed_config",
+            format!("filter {} has no typed_config", f.name),
+        );
+    };
+    match f.name.as_str() {
+        HCM_NAME => {
+            let h: hcm::HttpConnectionManager = unpack("typed_config", any)?;
+            http_connection_manager(&h).map_err(|e| within("typed_config", e))
+        }
+        TCP_PROXY_NAME => {
+            let t: tcpv3::TcpProxy = unpack("typed_config", any)?;
+            tcp_proxy(&t).map_err(|e| within("typed_config", e))
+        }
+        other => bad("name", format!("network filter {other} is not supported")),
+    }
+}
+
+fn http_connection_manager(h: &hcm::HttpConnectionManager) -> FResult<NetworkFilter> {
+    use hcm::http_connection_manager::RouteSpecifier;
+    let mut fault_filter = false;
+    let mut router = false;
+    for (i, f) in h.http_filters.iter().enumerate() {
+        match f.name.as_str() {
+            FAULT_FILTER => fault_filter = true,
+            // CORS with no per-route policy is a no-op; a per-route policy is rejected below.
+            CORS_FILTER => {}
+            ROUTER_FILTER => router = true,
+            other => {
+                return bad(
+                    format!("http_filters[{i}]"),
+                    format!("HTTP filter {other} is not supported"),
+                )
+            }
+        }
+    }
+    if !router {
+        return bad("http_filters", "no envoy.filters.http.router");
+    }
+    let routes = match &h.route_specifier {
+        Some(RouteSpecifier::Rds(r)) => RouteSource::Rds(r.route_config_name.clone()),
+        Some(RouteSpecifier::RouteConfig(rc)) => RouteSource::Inline(Arc::new(
+            route_config(rc).map_err(|e| within("route_config", e))?,
+        )),
+        _ => return bad("route_specifier", "only rds and route_config are supported"),
+    };
+    Ok(NetworkFilter::Http(HttpConnectionManager {
+        stat_prefix: h.stat_prefix.clone(),
+        routes,
+        fault_filter,
+    }))
+}
+
+fn tcp_proxy(t: &tcpv3::TcpProxy) -> FResult<NetworkFilter> {
+    use tcpv3::tcp_proxy::ClusterSpecifier;
+    let target = match &t.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) => ClusterTarget::Single(c.clone()),
+        Some(ClusterSpecifier::WeightedClusters(w)) => ClusterTarget::Weighted(
+            w.clusters
+                .iter()
+                .map(|c| WeightedCluster {
+                    name: c.name.clone(),
+                    weight: c.weight,
+                    headers: HeaderOps::default(),
+                    host_rewrite: None,
+                })
+                .collect(),
+        ),
+        None => return bad("cluster_specifier", "missing"),
+    };
+    Ok(NetworkFilter::Tcp(TcpProxy {
+        stat_prefix: t.stat_prefix.clone(),
+        target,
+    }))
+}
+
+// ------------------------------------------------------------------ routes
+
+impl TryFrom<&rv3::RouteConfiguration> for RouteConfig {
+    type Error = ConvertError;
+    fn try_from(rc: &rv3::RouteConfiguration) -> Result<Self, ConvertError> {
+        route_config(rc).map_err(|e| named(&format!("route configuration {}", rc.name), e))
+    }
+}
+
+fn route_config(rc: &rv3::RouteConfiguration) -> FResult<RouteConfig> {
+    let virtual_hosts = rc
+        .virtual_hosts
+        .iter()
+        .map(|vh| virtual_host(vh).map_err(|e| within(&format!("virtual_hosts[{}]", vh.name), e)))
+        .collect::<FResult<Vec<_>>>()?;
+    if rc.vhds.is_some() {
+        return bad("vhds", "VHDS is not supported");
+    }
+    Ok(RouteConfig {
+        name: rc.name.clone(),
+        virtual_hosts,
+        ignore_port_in_host_matching: rc.ignore_port_in_host_matching,
+    })
+}
+
+fn virtual_host(vh: &rv3::VirtualHost) -> FResult<VirtualHost> {
+    if vh.require_tls != rv3::virtual_host::TlsRequirementType::None as i32 {
+        return bad(
+            "require_tls",
+            "TLS redirects (httpsRedirect) are not supported yet",
+        );
+    }
+    if !vh.typed_per_filter_config.is_empty() {
+        return bad(
+            "typed_per_filter_config",
+            "per-virtual-host filter config is not supported",
+        );
+    }
+    let routes = vh
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let label = if r.name.is_empty() {
+                format!("routes[{i}]")
+            } else {
+                format!("routes[{i}:{}]", r.name)
+            };
+            route(r).map_err(|e| within(&label, e))
+        })
+        .collect::<FResult<Vec<_>>>()?;
+    Ok(VirtualHost {
+        name: vh.name.clone(),
+        domains: vh.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+        routes,
+    })
+}
+
+fn route(r: &rv3::Route) -> FResult<Route> {
+    let matcher = route_match(r.r#match.as_ref()).map_err(|e| within("match", e))?;
+    let mut fault = None;
+    for (name, any) in &r.typed_per_filter_config {
+        match name.as_str() {
+            FAULT_FILTER => {
+                let f: faultv3::HttpFault = unpack("typed_per_filter_config.fault", any)?;
+                fault =
+                    Some(http_fault(&f).map_err(|e| within("typed_per_filter_config.fault", e))?);
+            }
+            other => return bad(
+                format!("typed_per_filter_config.{other}"),
+                "per-route config for this filter is not supported (CORS is not implemented yet)",
+            ),
+        }
+    }
+    let action = match &r.action {
+        Some(rv3::route::Action::Route(a)) => {
+            Action::Route(route_action(a).map_err(|e| within("route", e))?)
+        }
+        Some(rv3::route::Action::Redirect(rd)) => {
+            Action::Redirect(redirect(rd).map_err(|e| within("redirect", e))?)
+        }
+        Some(rv3::route::Action::DirectResponse(d)) => {
+            let status = u16::try_from(d.status)
+                .ok()
+                .filter(|s| (200..600).contains(s))
+                .map_or_else(|| bad("direct_response.status", "out of range"), Ok)?;
+            use core::data_source::Specifier;
+            let body = match d.body.as_ref().and_then(|b| b.specifier.as_ref()) {
+                None => bytes::Bytes::new(),
+                Some(Specifier::InlineString(s)) => bytes::Bytes::from(s.clone()),
+                Some(Specifier::InlineBytes(b)) => bytes::Bytes::from(b.clone()),
+                Some(_) => return bad("direct_response.body", "only inline bodies are supported"),
+            };
+            Action::Direct { status, body }
+        }
+        _ => return bad("action", "unsupported route action"),
+    };
+    Ok(Route {
+        name: r.name.clone(),
+        matcher,
+        action,
+        fault,
+        headers: header_ops(
+            &r.request_headers_to_add,
+            &r.request_headers_to_remove,
+            &r.response_headers_to_add,
+            &r.response_headers_to_remove,
+        )?,
+    })
+}
+
+fn header_ops(
+    req_add: &[core::HeaderValueOption],
+    req_remove: &[String],
+    resp_add: &[core::HeaderValueOption],
+    resp_remove: &[String],
+) -> FResult<HeaderOps> {
+    fn adds(
+        field: &str,
+        v: &[core::HeaderValueOption],
+    ) -> FResult<Vec<(http::HeaderName, http::HeaderValue, bool)>> {
+        use core::header_value_option::HeaderAppendAction as A;
+        v.iter()
+            .map(|o| {
+                let Some(h) = &o.header else {
+                    return bad(field, "header value option without header");
+                };
+                let name = http::HeaderName::from_bytes(h.key.as_bytes())
+                    .or_else(|_| bad(field, format!("bad header name {:?}", h.key)))?;
+                let value = http::HeaderValue::from_str(&h.value)
+                    .or_else(|_| bad(field, format!("bad value for header {}", h.key)))?;
+                let append = match A::try_from(o.append_action) {
+                    Ok(A::AppendIfExistsOrAdd) => true,
+                    Ok(A::OverwriteIfExistsOrAdd) => false,
+                    _ => return bad(field, "append_action not supported"),
+                };
+                Ok((name, value, append))
+            })
+            .collect()
+    }
+    fn removes(field: &str, v: &[String]) -> FResult<Vec<http::HeaderName>> {
+        v.iter()
+            .map(|k| {
+                http::HeaderName::from_bytes(k.as_bytes())
+                    .or_else(|_| bad(field, format!("bad header name {k:?}")))
+            })
+            .collect()
+    }
+    Ok(HeaderOps {
+        request_add: adds("request_headers_to_add", req_add)?,
+        request_remove: removes("request_headers_to_remove", req_remove)?,
+        response_add: adds("response_headers_to_add", resp_add)?,
+        response_remove: removes("response_headers_to_remove", resp_remove)?,
+    })
+}
+
+fn string_match(field: &str, m: &matcher::StringMatcher) -> FResult<StringMatch> {
+    use matcher::string_matcher::MatchPattern as P;
+    let ic = m.ignore_case;
+    Ok(match &m.match_pattern {
+        Some(P::Exact(v)) => StringMatch::Exact {
+            value: v.clone(),
+            ignore_case: ic,
+        },
+        Some(P::Prefix(v)) => StringMatch::Prefix {
+            value: v.clone(),
+            ignore_case: ic,
+        },
+        Some(P::Suffix(v)) => StringMatch::Suffix {
+            value: v.clone(),
+            ignore_case: ic,
+        },
+        Some(P::Contains(v)) => StringMatch::Contains {
+            value: v.clone(),
+            ignore_case: ic,
+        },
+        Some(P::SafeRegex(r)) => StringMatch::Regex(regex(field, &r.regex)?),
+        _ => return bad(field, "unsupported string matcher"),
+    })
+}
+
+fn route_match(m: Option<&rv3::RouteMatch>) -> FResult<RouteMatch> {
+    use rv3::route_match::PathSpecifier as P;
+    let Some(m) = m else {
+        return bad("match", "missing");
+    };
+    if !m.dynamic_metadata.is_empty() {
+        return bad(
+            "dynamic_metadata",
+            "JWT claim matching (@request.auth.claims) is not supported yet",
+        );
+    }
+    if m.grpc.is_some() || m.tls_context.is_some() || m.runtime_fraction.is_some() {
+        return bad(
+            "match",
+            "grpc / tls_context / runtime_fraction matching is not supported",
+        );
+    }
+    let path = match &m.path_specifier {
+        Some(P::Prefix(p)) => PathMatch::Prefix(p.clone()),
+        Some(P::Path(p)) => PathMatch::Exact(p.clone()),
+        Some(P::SafeRegex(r)) => PathMatch::Regex(regex("safe_regex", &r.regex)?),
+        _ => {
+            return bad(
+                "path_specifier",
+                "only prefix, path and safe_regex are supported",
+            )
+        }
+    };
+    let mut headers = Vec::new();
+    for (i, h) in m.headers.iter().enumerate() {
+        use rv3::header_matcher::HeaderMatchSpecifier as H;
+        let field = format!("headers[{i}]");
+        let value = match &h.header_match_specifier {
+            Some(H::PresentMatch(p)) => ValueMatch::Present(*p),
+            Some(H::StringMatch(s)) => ValueMatch::String(string_match(&field, s)?),
+            _ => return bad(field, "unsupported header match"),
+        };
+        headers.push(HeaderMatch {
+            name: h.name.to_ascii_lowercase(),
+            value,
+            invert: h.invert_match,
+            treat_missing_as_empty: h.treat_missing_header_as_empty,
+        });
+    }
+    let mut query = Vec::new();
+    for (i, q) in m.query_parameters.iter().enumerate() {
+        use rv3::query_parameter_matcher::QueryParameterMatchSpecifier as Q;
+        let field = format!("query_parameters[{i}]");
+        let value = match &q.query_parameter_match_specifier {
+            Some(Q::PresentMatch(p)) => ValueMatch::Present(*p),
+            Some(Q::StringMatch(s)) => ValueMatch::String(string_match(&field, s)?),
+            None => ValueMatch::Present(true),
+        };
+        query.push(QueryMatch {
+            name: q.name.clone(),
+            value,
+        });
+    }
+    Ok(RouteMatch {
+        path,
+        case_sensitive: m.case_sensitive.as_ref().is_none_or(|b| b.value),
+        headers,
+        query,
+    })
+}
+
+fn route_action(a: &rv3::RouteAction) -> FResult<RouteAction> {
+    use rv3::route_action::{ClusterSpecifier, HostRewriteSpecifier};
+    if !a.request_mirror_policies.is_empty() {
+        return bad(
+            "request_mirror_policies",
+            "request mirroring is not supported yet",
+        );
+    }
+    // `hash_policy` only feeds RING_HASH / MAGLEV clusters, which are rejected at CDS; with
+    // any other balancer Envoy ignores it too, so accepting it changes nothing.
+    let target = match &a.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) => ClusterTarget::Single(c.clone()),
+        Some(ClusterSpecifier::WeightedClusters(w)) => {
+            let mut out = Vec::new();
+            for (i, c) in w.clusters.iter().enumerate() {
+                let field = format!("weighted_clusters.clusters[{i}]");
+                let host_rewrite = c.host_rewrite_specifier.as_ref().map(|h| match h {
+                    rv3::weighted_cluster::cluster_weight::HostRewriteSpecifier::HostRewriteLiteral(h) => h.clone(),
+                });
+                out.push(WeightedCluster {
+                    name: c.name.clone(),
+                    weight: c.weight.as_ref().map_or(0, |w| w.value),
+                    headers: header_ops(
+                        &c.request_headers_to_add,
+                        &c.request_headers_to_remove,
+                        &c.response_headers_to_add,
+                        &c.response_headers_to_remove,
+                    )
+                    .map_err(|e| within(&field, e))?,
+                    host_rewrite,
+                });
+            }
+            if out.iter().all(|c| c.weight == 0) {
+                return bad("weighted_clusters", "all weights are 0");
+            }
+            ClusterTarget::Weighted(out)
+        }
+        _ => {
+            return bad(
+                "cluster_specifier",
+                "only cluster and weighted_clusters are supported",
+            )
+        }
+    };
+    let host_rewrite = match &a.host_rewrite_specifier {
+        None => None,
+        Some(HostRewriteSpecifier::HostRewriteLiteral(h)) => Some(h.clone()),
+        Some(_) => {
+            return bad(
+                "host_rewrite_specifier",
+                "only host_rewrite_literal is supported",
+            )
+        }
+    };
+    let regex_rewrite = match &a.regex_rewrite {
+        None => None,
+        Some(rr) => {
+            let pattern = rr
+                .pattern
+                .as_ref()
+                .map_or_else(|| bad("regex_rewrite.pattern", "missing"), Ok)?;
+            // The rewrite replaces matches anywhere in the path, so it is not anchored.
+            let re = regex::Regex::new(&pattern.regex)
+                .or_else(|e| bad("regex_rewrite.pattern", format!("invalid regex: {e}")))?;
+            Some((
+                FullRegex(Arc::new(re)),
+                envoy_substitution(&rr.substitution),
+            ))
+        }
+    };
+    let retry = a
+        .retry_policy
+        .as_ref()
+        .map(|r| retry_policy(r).map_err(|e| within("retry_policy", e)))
+        .transpose()?;
+    Ok(RouteAction {
+        target,
+        timeout: a.timeout.as_ref().map(duration).filter(|d| !d.is_zero()),
+        prefix_rewrite: Some(a.prefix_rewrite.clone()).filter(|p| !p.is_empty()),
+        regex_rewrite,
+        host_rewrite,
+        retry,
+    })
+}
+
+/// RE2's `\1` capture references -> the regex crate's `${1}`.
+fn envoy_substitution(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek().is_some_and(|d| d.is_ascii_digit()) => {
+                out.push_str("${");
+                while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
+                    out.push(d);
+                    chars.next();
+                }
+                out.push('}');
+            }
+            '$' => out.push_str("$$"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn retry_policy(r: &rv3::RetryPolicy) -> FResult<RetryPolicy> {
+    let mut on = RetryOn::default();
+    for part in r
+        .retry_on
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        match part {
+            "5xx" => on.five_xx = true,
+            "gateway-error" => on.gateway_error = true,
+            "connect-failure" => on.connect_failure = true,
+            "reset" => on.reset = true,
+            "refused-stream" => on.refused_stream = true,
+            "retriable-4xx" => on.retriable_4xx = true,
+            "retriable-status-codes" => on.retriable_status_codes = true,
+            "cancelled" => on.grpc_codes.push(1),
+            "deadline-exceeded" => on.grpc_codes.push(4),
+            "resource-exhausted" => on.grpc_codes.push(8),
+            "internal" => on.grpc_codes.push(13),
+            "unavailable" => on.grpc_codes.push(14),
+            other => {
+                return bad(
+                    "retry_on",
+                    format!("retry condition {other:?} is not supported"),
+                )
+            }
+        }
+    }
+    if r.retry_priority.is_some() {
+        return bad(
+            "retry_priority",
+            "locality-aware retries are not supported yet",
+        );
+    }
+    for (i, p) in r.retry_host_predicate.iter().enumerate() {
+        // Our balancers already move to another host on the next pick; previous_hosts adds
+        // nothing we would do differently with a handful of endpoints.
+        if p.name != "envoy.retry_host_predicates.previous_hosts" {
+            return bad(
+                format!("retry_host_predicate[{i}]"),
+                format!("{} is not supported", p.name),
+            );
+        }
+    }
+    let status_codes = r
+        .retriable_status_codes
+        .iter()
+        .map(|c| u16::try_from(*c).or_else(|_| bad("retriable_status_codes", "out of range")))
+        .collect::<FResult<Vec<_>>>()?;
+    Ok(RetryPolicy {
+        on,
+        num_retries: r.num_retries.as_ref().map_or(1, |n| n.value),
+        per_try_timeout: r
+            .per_try_timeout
+            .as_ref()
+            .map(duration)
+            .filter(|d| !d.is_zero()),
+        status_codes,
+    })
+}
+
+fn redirect(r: &rv3::RedirectAction) -> FResult<Redirect> {
+    use rv3::redirect_action::{
+        PathRewriteSpecifier as P, RedirectResponseCode as C, SchemeRewriteSpecifier as S,
+    };
+    let status = match C::try_from(r.response_code) {
+        Ok(C::MovedPermanently) => 301,
+        Ok(C::Found) => 302,
+        Ok(C::SeeOther) => 303,
+        Ok(C::TemporaryRedirect) => 307,
+        Ok(C::PermanentRedirect) => 308,
+        Err(_) => return bad("response_code", "unknown"),
+    };
+    let scheme = match &r.scheme_rewrite_specifier {
+        None => None,
+        Some(S::HttpsRedirect(true)) => Some("https".to_string()),
+        Some(S::HttpsRedirect(false)) => None,
+        Some(S::SchemeRedirect(s)) => Some(s.clone()),
+    };
+    let (path, prefix_rewrite) = match &r.path_rewrite_specifier {
+        None => (None, None),
+        Some(P::PathRedirect(p)) => (Some(p.clone()), None),
+        Some(P::PrefixRewrite(p)) => (None, Some(p.clone())),
+        Some(_) => {
+            return bad(
+                "path_rewrite_specifier",
+                "regex redirects are not supported",
+            )
+        }
+    };
+    Ok(Redirect {
+        status,
+        scheme,
+        host: Some(r.host_redirect.clone()).filter(|h| !h.is_empty()),
+        port: u16::try_from(r.port_redirect).ok().filter(|p| *p != 0),
+        path,
+        prefix_rewrite,
+        strip_query: r.strip_query,
+    })
+}
+
+fn fraction(field: &str, p: Option<&FractionalPercent>) -> FResult<Fraction> {
+    use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType as D;
+    // Envoy: a fault without percentage applies to every request.
+    let Some(p) = p else {
+        return Ok(Fraction {
+            numerator: 100,
+            denominator: 100,
+        });
+    };
+    let denominator = match D::try_from(p.denominator) {
+        Ok(D::Hundred) => 100,
+        Ok(D::TenThousand) => 10_000,
+        Ok(D::Million) => 1_000_000,
+        Err(_) => return bad(field, "unknown denominator"),
+    };
+    Ok(Fraction {
+        numerator: p.numerator.min(denominator),
+        denominator,
+    })
+}
+
+fn http_fault(f: &faultv3::HttpFault) -> FResult<Fault> {
+    use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_delay::FaultDelaySecifier;
+    use faultv3::fault_abort::ErrorType;
+    if !f.headers.is_empty()
+        || !f.downstream_nodes.is_empty()
+        || f.max_active_faults.is_some()
+        || f.response_rate_limit.is_some()
+    {
+        return bad(
+            "fault",
+            "header/node-scoped faults, max_active_faults and rate limits are not supported",
+        );
+    }
+    let delay = match &f.delay {
+        None => None,
+        Some(d) => match &d.fault_delay_secifier {
+            Some(FaultDelaySecifier::FixedDelay(fd)) => Some((
+                duration(fd),
+                fraction("delay.percentage", d.percentage.as_ref())?,
+            )),
+            _ => return bad("delay", "only fixed delays are supported"),
+        },
+    };
+    let abort = match &f.abort {
+        None => None,
+        Some(a) => {
+            let kind = match &a.error_type {
+                Some(ErrorType::HttpStatus(s)) => AbortKind::Http(
+                    u16::try_from(*s)
+                        .ok()
+                        .filter(|s| (200..600).contains(s))
+                        .map_or_else(|| bad("abort.http_status", "out of range"), Ok)?,
+                ),
+                Some(ErrorType::GrpcStatus(s)) => AbortKind::Grpc(*s),
+                _ => return bad("abort", "header-controlled aborts are not supported"),
+            };
+            Some((kind, fraction("abort.percentage", a.percentage.as_ref())?))
+        }
+    };
+    Ok(Fault { delay, abort })
+}
+
+// ------------------------------------------------------------------ clusters
+
+const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+impl TryFrom<&cv3::Cluster> for Cluster {
+    type Error = ConvertError;
+    fn try_from(c: &cv3::Cluster) -> Result<Self, ConvertError> {
+        cluster(c).map_err(|e| named(&format!("cluster {}", c.name), e))
+    }
+}
+
+fn cluster(c: &cv3::Cluster) -> FResult<Cluster> {
+    use cv3::cluster::{ClusterDiscoveryType, DiscoveryType as D, LbPolicy as L};
+    let kind = match &c.cluster_discovery_type {
+        Some(ClusterDiscoveryType::Type(t)) => match D::try_from(*t) {
+            Ok(D::Eds) => DiscoveryKind::Eds,
+            Ok(D::Static) => DiscoveryKind::Static,
+            // LOGICAL_DNS gets one address; resolving it per connection is what STRICT_DNS
+            // with one endpoint does here too.
+            Ok(D::StrictDns) | Ok(D::LogicalDns) => DiscoveryKind::StrictDns,
+            Ok(D::OriginalDst) => DiscoveryKind::OriginalDst,
+            Err(_) => return bad("type", format!("unknown discovery type {t}")),
+        },
+        _ => return bad("cluster_type", "custom cluster types are not supported"),
+    };
+    let lb = match L::try_from(c.lb_policy) {
+        Ok(L::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(L::LeastRequest) => LbPolicy::LeastRequest,
+        Ok(L::Random) => LbPolicy::Random,
+        Ok(L::ClusterProvided) => LbPolicy::ClusterProvided,
+        Ok(other) => {
+            return bad(
+                "lb_policy",
+                format!(
+                    "{} is not supported yet (consistentHash)",
+                    other.as_str_name()
+                ),
+            )
+        }
+        Err(_) => return bad("lb_policy", "unknown"),
+    };
+    if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
+        return bad(
+            "transport_socket",
+            "upstream TLS (DestinationRule tls) is not supported yet",
+        );
+    }
+    let outlier = c
+        .outlier_detection
+        .as_ref()
+        .map(|o| outlier(o).map_err(|e| within("outlier_detection", e)))
+        .transpose()?;
+    let mut http2 = false;
+    for (k, any) in &c.typed_extension_protocol_options {
+        if k != HTTP_PROTOCOL_OPTIONS {
+            return bad(
+                format!("typed_extension_protocol_options.{k}"),
+                "not supported",
+            );
+        }
+        let o: upv3::HttpProtocolOptions = unpack("typed_extension_protocol_options", any)?;
+        use upv3::http_protocol_options::explicit_http_config::ProtocolConfig;
+        use upv3::http_protocol_options::UpstreamProtocolOptions;
+        if let Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) = &o.upstream_protocol_options {
+            http2 = matches!(
+                e.protocol_config,
+                Some(ProtocolConfig::Http2ProtocolOptions(_))
+            );
+        } else if o.upstream_protocol_options.is_some() {
+            return bad(
+                "typed_extension_protocol_options",
+                "only explicit_http_config is supported",
+            );
+        }
+    }
+    let inline_endpoints = match &c.load_assignment {
+        Some(la) => endpoints(la)?.endpoints,
+        None => Vec::new(),
+    };
+    Ok(Cluster {
+        name: c.name.clone(),
+        kind,
+        lb,
+        connect_timeout: c
+            .connect_timeout
+            .as_ref()
+            .map(duration)
+            .unwrap_or(Duration::from_secs(5)),
+        http2,
+        eds_name: c
+            .eds_cluster_config
+            .as_ref()
+            .map(|e| e.service_name.clone())
+            .filter(|s| !s.is_empty()),
+        inline_endpoints,
+        outlier,
+    })
+}
+
+fn outlier(o: &cv3::OutlierDetection) -> FResult<OutlierDetection> {
+    let enforced = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>| {
+        v.as_ref().is_none_or(|e| e.value > 0)
+    };
+    // Envoy enables success-rate ejection unless told otherwise; Istio always turns it off.
+    if enforced(&o.enforcing_success_rate) {
+        return bad(
+            "enforcing_success_rate",
+            "success-rate ejection is not supported",
+        );
+    }
+    if o.enforcing_failure_percentage
+        .as_ref()
+        .is_some_and(|e| e.value > 0)
+        || o.enforcing_failure_percentage_local_origin
+            .as_ref()
+            .is_some_and(|e| e.value > 0)
+    {
+        return bad(
+            "enforcing_failure_percentage",
+            "failure-percentage ejection is not supported",
+        );
+    }
+    if o.split_external_local_origin_errors {
+        return bad(
+            "split_external_local_origin_errors",
+            "local-origin error tracking is not supported",
+        );
+    }
+    // Envoy's defaults: 5 consecutive 5xx enforced at 100%, gateway failures not enforced.
+    let consecutive_5xx = if enforced(&o.enforcing_consecutive_5xx) {
+        Some(o.consecutive_5xx.as_ref().map_or(5, |v| v.value))
+    } else {
+        None
+    };
+    let consecutive_gateway = if o
+        .enforcing_consecutive_gateway_failure
+        .as_ref()
+        .is_some_and(|e| e.value > 0)
+    {
+        Some(
+            o.consecutive_gateway_failure
+                .as_ref()
+                .map_or(5, |v| v.value),
+        )
+    } else {
+        None
+    };
+    Ok(OutlierDetection {
+        consecutive_5xx,
+        consecutive_gateway,
+        base_ejection_time: o
+            .base_ejection_time
+            .as_ref()
+            .map_or(Duration::from_secs(30), duration),
+        max_ejection_percent: o
+            .max_ejection_percent
+            .as_ref()
+            .map_or(10, |v| v.value.min(100)),
+    })
+}
+
+impl TryFrom<&ev3::ClusterLoadAssignment> for Endpoints {
+    type Error = ConvertError;
+    fn try_from(la: &ev3::ClusterLoadAssignment) -> Result<Self, ConvertError> {
+        endpoints(la).map_err(|e| named(&format!("endpoints {}", la.cluster_name), e))
+    }
+}
+
+fn endpoints(la: &ev3::ClusterLoadAssignment) -> FResult<Endpoints> {
+    let mut out = Vec::new();
+    for (i, loc) in la.endpoints.iter().enumerate() {
+        if loc.priority != 0 {
+            return bad(
+                format!("endpoints[{i}].priority"),
+                "priorities are not supported yet",
+            );
+        }
+        for (j, e) in loc.lb_endpoints.iter().enumerate() {
+            let field = format!("endpoints[{i}].lb_endpoints[{j}]");
+            use ev3::lb_endpoint::HostIdentifier;
+            let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                return bad(field, "named endpoints are not supported");
+            };
+            let (host, port) = socket_address(&field, ep.address.as_ref())?;
+            let status = core::HealthStatus::try_from(e.health_status)
+                .unwrap_or(core::HealthStatus::Unknown);
+            out.push(Endpoint {
+                host,
+                port,
+                weight: e
+                    .load_balancing_weight
+                    .as_ref()
+                    .map_or(1, |w| w.value.max(1)),
+                healthy: matches!(
+                    status,
+                    core::HealthStatus::Unknown
+                        | core::HealthStatus::Healthy
+                        | core::HealthStatus::Degraded
+                ),
+            });
+        }
+    }
+    Ok(Endpoints {
+        cluster: la.cluster_name.clone(),
+        endpoints: out,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substitution_uses_regex_crate_syntax() {
+        assert_eq!(envoy_substitution(r"/v2/\1/x"), "/v2/${1}/x");
+        assert_eq!(envoy_substitution("a$b"), "a$$b");
+    }
+
+    #[test]
+    fn mirror_is_rejected_with_the_field() {
+        let rc = rv3::RouteConfiguration {
+            name: "http.8080".into(),
+            virtual_hosts: vec![rv3::VirtualHost {
+                name: "a.example.com:80".into(),
+                domains: vec!["a.example.com".into()],
+                routes: vec![rv3::Route {
+                    name: "r".into(),
+                    r#match: Some(rv3::RouteMatch {
+                        path_specifier: Some(rv3::route_match::PathSpecifier::Prefix("/".into())),
+                        ..Default::default()
+                    }),
+                    action: Some(rv3::route::Action::Route(rv3::RouteAction {
+                        cluster_specifier: Some(rv3::route_action::ClusterSpecifier::Cluster(
+                            "c".into(),
+                        )),
+                        request_mirror_policies: vec![Default::default()],
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let e = RouteConfig::try_from(&rc)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("route configuration http.8080"), "{e}");
+        assert!(e.contains("request_mirror_policies"), "{e}");
+    }
+
+    #[test]
+    fn regex_path_is_anchored() {
+        let r = FullRegex::new("/items/[0-9]+").unwrap();
+        assert!(r.is_match("/items/42"));
+        assert!(!r.is_match("/items/42x"));
+    }
+}

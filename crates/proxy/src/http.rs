@@ -1,0 +1,924 @@
+//! HTTP: the connection manager and router, with Envoy's semantics for the config the pilot
+//! generates.
+//!
+//! Downstream connections are served by hyper (HTTP/1.1 and h2c, detected per connection).
+//! For each request: pick the virtual host by authority, the first route that matches
+//! (path, headers, query), apply fault injection, then the action — direct response,
+//! redirect, or forwarding to a (weighted) cluster with rewrites, header edits, timeout and
+//! retries. Local replies use Envoy's texts (`upstream request timeout`, `no healthy
+//! upstream`, `fault filter abort`) and every request records Envoy's response flags.
+//!
+//! Request bodies are buffered before forwarding so a retry can resend them; responses are
+//! streamed back. Upstream connections are pooled per endpoint by hyper-util's client.
+
+use crate::cluster::{random_below, random_u64, ClusterLb};
+use crate::config::{
+    AbortKind, Action, ClusterTarget, Fraction, HeaderMatch, HeaderOps, PathMatch, QueryMatch,
+    Redirect, RetryPolicy, Route, RouteAction, StringMatch, ValueMatch,
+};
+use crate::metrics::{destination_service, RequestLabels};
+use crate::snapshot::Snapshot;
+use crate::Shared;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Connect timeout for upstreams: Istio's default `connectTimeout` (10 s).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Envoy's default retry back-off: 25 ms base, 10x cap.
+const RETRY_BASE: Duration = Duration::from_millis(25);
+const RETRY_MAX: Duration = Duration::from_millis(250);
+
+/// Upstream client pools (keyed by endpoint `ip:port` inside hyper-util), one per protocol.
+pub struct Clients {
+    h1: Client<HttpConnector, Full<Bytes>>,
+    h2: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Clients {
+    pub fn new() -> Clients {
+        let mut c = HttpConnector::new();
+        c.set_nodelay(true);
+        c.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(c.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(c);
+        Clients { h1, h2 }
+    }
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        Clients::new()
+    }
+}
+
+/// What one downstream connection knows: where its routes come from and who it talks to.
+#[derive(Clone)]
+pub struct ConnCtx {
+    pub shared: Arc<Shared>,
+    /// Key of the route table in the snapshot (RDS name or the inline key).
+    pub route_key: Arc<str>,
+    pub fault_filter: bool,
+    pub peer: SocketAddr,
+    pub original_dst: Option<SocketAddr>,
+    /// Istio's `reporter` label: `destination` on the inbound path, `source` otherwise
+    /// (sidecar outbound and gateways).
+    pub reporter: &'static str,
+}
+
+/// Serve one downstream connection (HTTP/1.1 or h2c) until it closes or we shut down.
+pub async fn serve(stream: TcpStream, ctx: ConnCtx) {
+    let mut shutdown = ctx.shared.shutdown_signal();
+    let svc = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(error = %e, "downstream connection ended with an error");
+            }
+        }
+        () = crate::stopped(&mut shutdown) => {
+            // Finish in-flight requests, refuse new ones (Connection: close / GOAWAY).
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Per-request facts for the access log and metrics.
+struct Outcome {
+    flags: Vec<&'static str>,
+    cluster: String,
+}
+
+async fn handle(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
+    let start = Instant::now();
+    ctx.shared.metrics.request_started();
+    let protocol = match req.version() {
+        Version::HTTP_2 => "http/2",
+        Version::HTTP_10 => "http/1.0",
+        _ => "http/1.1",
+    };
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    let method = req.method().clone();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "/".into());
+    let authority = authority(&req);
+    let mut out = Outcome {
+        flags: Vec::new(),
+        cluster: String::new(),
+    };
+    let resp = route_request(&ctx, req, &authority, &mut out).await;
+    ctx.shared.metrics.request_finished();
+
+    let code = resp.status().as_u16();
+    let flags = if out.flags.is_empty() {
+        "-".to_string()
+    } else {
+        out.flags.join(",")
+    };
+    let (svc, svc_name, svc_ns) = destination_service(&out.cluster);
+    let labels = RequestLabels {
+        reporter: ctx.reporter,
+        source_workload: "unknown".into(),
+        source_workload_namespace: "unknown".into(),
+        destination_service: svc,
+        destination_service_name: svc_name,
+        destination_service_namespace: svc_ns,
+        destination_cluster: out.cluster.clone(),
+        request_protocol: if grpc { "grpc" } else { "http" },
+        response_code: code,
+        response_flags: flags.clone(),
+        connection_security_policy: "unknown",
+    };
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    ctx.shared.metrics.requests.get_or_create(&labels).inc();
+    ctx.shared
+        .metrics
+        .duration
+        .get_or_create(&labels)
+        .observe(ms);
+    debug!(target: "access_log", %method, %path, %authority, protocol, code, flags = %flags, cluster = %out.cluster, peer = %ctx.peer, duration_ms = ms as u64, "request");
+    resp
+}
+
+fn authority(req: &Request<Incoming>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
+async fn route_request(
+    ctx: &ConnCtx,
+    req: Request<Incoming>,
+    authority: &str,
+    out: &mut Outcome,
+) -> Response<Body> {
+    // One load per request: every decision below sees the same config.
+    let snap = ctx.shared.snapshot_full();
+    let Some(table) = snap.routes.get(&*ctx.route_key) else {
+        out.flags.push("NR");
+        return local_reply(StatusCode::NOT_FOUND, "");
+    };
+    let Some(vh) = table.virtual_host(authority) else {
+        out.flags.push("NR");
+        return local_reply(StatusCode::NOT_FOUND, "");
+    };
+    let Some(route) = vh.routes.iter().find(|r| route_matches(r, &req, authority)) else {
+        out.flags.push("NR");
+        return local_reply(StatusCode::NOT_FOUND, "");
+    };
+
+    if ctx.fault_filter {
+        if let Some(f) = &route.fault {
+            if let Some((d, frac)) = f.delay {
+                if hit(frac) {
+                    out.flags.push("DI");
+                    tokio::time::sleep(d).await;
+                }
+            }
+            if let Some((kind, frac)) = &f.abort {
+                if hit(*frac) {
+                    out.flags.push("FI");
+                    let mut resp = match kind {
+                        AbortKind::Http(code) => local_reply(
+                            StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                            "fault filter abort",
+                        ),
+                        AbortKind::Grpc(code) => grpc_reply(*code, "fault filter abort"),
+                    };
+                    apply_response_ops(resp.headers_mut(), &route.headers);
+                    return resp;
+                }
+            }
+        }
+    }
+
+    match &route.action {
+        Action::Direct { status, body } => {
+            let mut resp = full_response(
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::OK),
+                body.clone(),
+            );
+            apply_response_ops(resp.headers_mut(), &route.headers);
+            resp
+        }
+        Action::Redirect(r) => {
+            let mut resp = redirect(r, route, &req, authority);
+            apply_response_ops(resp.headers_mut(), &route.headers);
+            resp
+        }
+        Action::Route(a) => forward(ctx, &snap, route, a, req, authority, out).await,
+    }
+}
+
+fn hit(f: Fraction) -> bool {
+    f.numerator > 0 && (random_below(f.denominator as usize) as u32) < f.numerator
+}
+
+// ------------------------------------------------------------------ matching
+
+fn route_matches(r: &Route, req: &Request<Incoming>, authority: &str) -> bool {
+    let pq = req.uri().path_and_query();
+    let path = pq.map_or("/", |p| p.path());
+    let query = pq.and_then(|p| p.query()).unwrap_or("");
+    let m = &r.matcher;
+    let path_ok = match &m.path {
+        PathMatch::Prefix(p) => {
+            if m.case_sensitive {
+                path.starts_with(p.as_str())
+            } else {
+                path.len() >= p.len()
+                    && path.is_char_boundary(p.len())
+                    && path[..p.len()].eq_ignore_ascii_case(p)
+            }
+        }
+        PathMatch::Exact(p) => {
+            if m.case_sensitive {
+                path == p
+            } else {
+                path.eq_ignore_ascii_case(p)
+            }
+        }
+        PathMatch::Regex(re) => re.is_match(path),
+    };
+    path_ok
+        && m.headers.iter().all(|h| header_matches(h, req, authority))
+        && m.query.iter().all(|q| query_matches(q, query))
+}
+
+fn header_value(req: &Request<Incoming>, name: &str, authority: &str) -> Option<String> {
+    match name {
+        ":method" => Some(req.method().as_str().to_string()),
+        ":authority" | "host" => Some(authority.to_string()),
+        ":scheme" => Some("http".to_string()),
+        ":path" => Some(
+            req.uri()
+                .path_and_query()
+                .map_or("/".into(), |p| p.to_string()),
+        ),
+        _ => {
+            let vals: Vec<&str> = req
+                .headers()
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            // Envoy matches repeated headers as their comma-joined value.
+            (!vals.is_empty()).then(|| vals.join(","))
+        }
+    }
+}
+
+fn header_matches(h: &HeaderMatch, req: &Request<Incoming>, authority: &str) -> bool {
+    let mut v = header_value(req, &h.name, authority);
+    if v.is_none() && h.treat_missing_as_empty {
+        v = Some(String::new());
+    }
+    let m = value_matches(&h.value, v.as_deref());
+    m != h.invert
+}
+
+fn value_matches(m: &ValueMatch, v: Option<&str>) -> bool {
+    match (m, v) {
+        (ValueMatch::Present(p), v) => v.is_some() == *p,
+        (ValueMatch::String(_), None) => false,
+        (ValueMatch::String(s), Some(v)) => string_matches(s, v),
+    }
+}
+
+fn string_matches(m: &StringMatch, v: &str) -> bool {
+    let fold = |ic: bool, s: &str| {
+        if ic {
+            s.to_ascii_lowercase()
+        } else {
+            s.to_string()
+        }
+    };
+    match m {
+        StringMatch::Exact { value, ignore_case } => {
+            if *ignore_case {
+                v.eq_ignore_ascii_case(value)
+            } else {
+                v == value
+            }
+        }
+        StringMatch::Prefix { value, ignore_case } => {
+            fold(*ignore_case, v).starts_with(&fold(*ignore_case, value))
+        }
+        StringMatch::Suffix { value, ignore_case } => {
+            fold(*ignore_case, v).ends_with(&fold(*ignore_case, value))
+        }
+        StringMatch::Contains { value, ignore_case } => {
+            fold(*ignore_case, v).contains(&fold(*ignore_case, value))
+        }
+        StringMatch::Regex(re) => re.is_match(v),
+    }
+}
+
+fn query_matches(q: &QueryMatch, query: &str) -> bool {
+    let v = query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+        .find(|(k, _)| *k == q.name)
+        .map(|(_, v)| v);
+    value_matches(&q.value, v)
+}
+
+// ------------------------------------------------------------------ actions
+
+fn split_path(pq: &str) -> (&str, Option<&str>) {
+    match pq.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (pq, None),
+    }
+}
+
+/// The upstream path after `prefix_rewrite` / `regex_rewrite`; the query string is kept.
+fn rewritten_path(
+    route: &Route,
+    prefix_rewrite: Option<&str>,
+    regex_rewrite: Option<&(crate::config::FullRegex, String)>,
+    pq: &str,
+) -> String {
+    let (path, query) = split_path(pq);
+    let new_path = if let Some((re, sub)) = regex_rewrite {
+        re.0.replace_all(path, sub.as_str()).into_owned()
+    } else if let Some(rw) = prefix_rewrite {
+        match &route.matcher.path {
+            // The matched prefix is replaced; for exact and regex matches Envoy's "matched
+            // prefix" is the whole path.
+            PathMatch::Prefix(p) if path.len() >= p.len() && path.is_char_boundary(p.len()) => {
+                format!("{rw}{}", &path[p.len()..])
+            }
+            _ => rw.to_string(),
+        }
+    } else {
+        path.to_string()
+    };
+    match query {
+        Some(q) => format!("{new_path}?{q}"),
+        None => new_path,
+    }
+}
+
+fn redirect(
+    r: &Redirect,
+    route: &Route,
+    req: &Request<Incoming>,
+    authority: &str,
+) -> Response<Body> {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/".to_string(), |p| p.to_string());
+    let scheme = r.scheme.as_deref().unwrap_or("http");
+    let mut host = r.host.clone().unwrap_or_else(|| authority.to_string());
+    if let Some(p) = r.port {
+        let bare = host
+            .rsplit_once(':')
+            .map_or(host.as_str(), |(h, _)| h)
+            .to_string();
+        host = format!("{bare}:{p}");
+    }
+    let (orig_path, orig_query) = split_path(&pq);
+    let (path, query) = match (&r.path, &r.prefix_rewrite) {
+        (Some(p), _) => match split_path(p) {
+            // A query in path_redirect replaces the request's.
+            (p, Some(q)) => (p.to_string(), Some(q.to_string())),
+            (p, None) => (p.to_string(), orig_query.map(str::to_string)),
+        },
+        (None, Some(rw)) => {
+            let full = rewritten_path(route, Some(rw), None, &pq);
+            let (p, q) = split_path(&full);
+            (p.to_string(), q.map(str::to_string))
+        }
+        (None, None) => (orig_path.to_string(), orig_query.map(str::to_string)),
+    };
+    let query = if r.strip_query { None } else { query };
+    let location = match query {
+        Some(q) => format!("{scheme}://{host}{path}?{q}"),
+        None => format!("{scheme}://{host}{path}"),
+    };
+    let mut resp = full_response(
+        StatusCode::from_u16(r.status).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+        Bytes::new(),
+    );
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+fn pick_target(target: &ClusterTarget) -> (&str, Option<&HeaderOps>, Option<&str>) {
+    match target {
+        ClusterTarget::Single(c) => (c, None, None),
+        ClusterTarget::Weighted(ws) => {
+            let total: u64 = ws.iter().map(|w| u64::from(w.weight)).sum();
+            let mut r = random_u64() % total.max(1);
+            for w in ws {
+                if r < u64::from(w.weight) {
+                    return (&w.name, Some(&w.headers), w.host_rewrite.as_deref());
+                }
+                r -= u64::from(w.weight);
+            }
+            // Unreachable with a positive total (conversion rejects all-zero weights).
+            ws.first().map_or(("", None, None), |w| {
+                (&w.name, Some(&w.headers), w.host_rewrite.as_deref())
+            })
+        }
+    }
+}
+
+/// Hop-by-hop headers a proxy must not forward (RFC 9110 7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        h.remove(n);
+    }
+}
+
+fn apply_request_ops(h: &mut HeaderMap, ops: &HeaderOps) {
+    for n in &ops.request_remove {
+        h.remove(n);
+    }
+    for (n, v, append) in &ops.request_add {
+        if *append {
+            h.append(n.clone(), v.clone());
+        } else {
+            h.insert(n.clone(), v.clone());
+        }
+    }
+}
+
+fn apply_response_ops(h: &mut HeaderMap, ops: &HeaderOps) {
+    for n in &ops.response_remove {
+        h.remove(n);
+    }
+    for (n, v, append) in &ops.response_add {
+        if *append {
+            h.append(n.clone(), v.clone());
+        } else {
+            h.insert(n.clone(), v.clone());
+        }
+    }
+}
+
+fn request_id() -> String {
+    let (a, b) = (random_u64(), random_u64());
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0x0fff,
+        ((b >> 48) & 0x3fff) | 0x8000,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+/// Why an attempt did not produce a usable response.
+enum Failure {
+    Connect(String),
+    Reset(String),
+    PerTryTimeout,
+}
+
+async fn forward(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    route: &Route,
+    a: &RouteAction,
+    req: Request<Incoming>,
+    authority: &str,
+    out: &mut Outcome,
+) -> Response<Body> {
+    let (cluster_name, cluster_ops, cluster_host) = pick_target(&a.target);
+    out.cluster = cluster_name.to_string();
+    let Some(cluster) = snap.clusters.get(cluster_name).cloned() else {
+        out.flags.push("NC");
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
+    };
+    let (parts, body) = req.into_parts();
+    // Buffered so retries can resend it.
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            out.flags.push("DC");
+            debug!(error = %e, "reading the downstream request body");
+            return local_reply(StatusCode::BAD_REQUEST, "");
+        }
+    };
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map_or("/".to_string(), |p| p.to_string());
+    let path = rewritten_path(
+        route,
+        a.prefix_rewrite.as_deref(),
+        a.regex_rewrite.as_ref(),
+        &pq,
+    );
+    let host = cluster_host
+        .or(a.host_rewrite.as_deref())
+        .unwrap_or(authority)
+        .to_string();
+
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    if !headers.contains_key("x-request-id") {
+        if let Ok(v) = HeaderValue::from_str(&request_id()) {
+            headers.insert("x-request-id", v);
+        }
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    apply_request_ops(&mut headers, &route.headers);
+    if let Some(ops) = cluster_ops {
+        apply_request_ops(&mut headers, ops);
+    }
+    if let Ok(v) = HeaderValue::from_str(&host) {
+        headers.insert(header::HOST, v);
+    }
+
+    let deadline = a.timeout.map(|t| Instant::now() + t);
+    let retry = a.retry.as_ref();
+    let max_attempts = 1 + retry.map_or(0, |r| r.num_retries);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let Some(picked) = cluster.pick(ctx.original_dst) else {
+            out.flags.push("UH");
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        };
+        let mut h = headers.clone();
+        h.insert("x-envoy-attempt-count", HeaderValue::from(attempt));
+        let result = attempt_once(
+            ctx,
+            &cluster,
+            &picked.host.authority(),
+            &path,
+            &parts.method,
+            h,
+            body.clone(),
+            deadline,
+            retry,
+        )
+        .await;
+        cluster.report(
+            &picked.host,
+            match &result {
+                AttemptResult::Response(r) => crate::cluster::Outcome::Status(r.status().as_u16()),
+                _ => crate::cluster::Outcome::LocalFailure,
+            },
+        );
+        drop(picked);
+        let retries_left = attempt < max_attempts;
+        match result {
+            AttemptResult::GlobalTimeout => {
+                out.flags.push("UT");
+                return local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+            }
+            AttemptResult::Response(resp) => {
+                let retriable = retry.is_some_and(|r| retriable_response(r, &resp));
+                if retriable && retries_left && backoff(attempt, deadline).await {
+                    continue;
+                }
+                if retriable && attempt > 1 {
+                    out.flags.push("URX");
+                }
+                let (mut p, b) = resp.into_parts();
+                strip_hop_by_hop(&mut p.headers);
+                apply_response_ops(&mut p.headers, &route.headers);
+                if let Some(ops) = cluster_ops {
+                    apply_response_ops(&mut p.headers, ops);
+                }
+                return Response::from_parts(p, b.boxed());
+            }
+            AttemptResult::Failed(f) => {
+                let retriable = retry.is_some_and(|r| retriable_failure(r, &f));
+                if retriable && retries_left && backoff(attempt, deadline).await {
+                    continue;
+                }
+                if retriable && attempt > 1 {
+                    out.flags.push("URX");
+                }
+                return match f {
+                    Failure::PerTryTimeout => {
+                        out.flags.push("UT");
+                        local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+                    }
+                    Failure::Connect(e) => {
+                        out.flags.push("UF");
+                        debug!(cluster = %cluster.config.name, error = %e, "upstream connect failure");
+                        local_reply(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                        )
+                    }
+                    Failure::Reset(e) => {
+                        out.flags.push("UC");
+                        debug!(cluster = %cluster.config.name, error = %e, "upstream reset");
+                        local_reply(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                        )
+                    }
+                };
+            }
+        }
+    }
+}
+
+enum AttemptResult {
+    Response(Response<Incoming>),
+    Failed(Failure),
+    GlobalTimeout,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt_once(
+    ctx: &ConnCtx,
+    cluster: &ClusterLb,
+    endpoint: &str,
+    path: &str,
+    method: &http::Method,
+    headers: HeaderMap,
+    body: Bytes,
+    deadline: Option<Instant>,
+    retry: Option<&RetryPolicy>,
+) -> AttemptResult {
+    let uri: Uri = match format!("http://{endpoint}{path}").parse() {
+        Ok(u) => u,
+        Err(e) => return AttemptResult::Failed(Failure::Connect(format!("bad upstream URI: {e}"))),
+    };
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    let client = if cluster.config.http2 {
+        *req.version_mut() = Version::HTTP_2;
+        &ctx.shared.clients.h2
+    } else {
+        *req.version_mut() = Version::HTTP_11;
+        &ctx.shared.clients.h1
+    };
+    let now = Instant::now();
+    let global_left = deadline.map(|d| d.saturating_duration_since(now));
+    let per_try = retry.and_then(|r| r.per_try_timeout);
+    let limit = match (global_left, per_try) {
+        (Some(g), Some(p)) => Some(g.min(p)),
+        (g, p) => g.or(p),
+    };
+    let fut = client.request(req);
+    let res = match limit {
+        Some(l) => match tokio::time::timeout(l, fut).await {
+            Ok(r) => r,
+            Err(_) => {
+                // Whichever budget ran out decides: the route timeout ends the request.
+                let global_done = deadline.is_some_and(|d| Instant::now() >= d)
+                    || per_try.is_none_or(|p| global_left.is_some_and(|g| g <= p));
+                return if global_done {
+                    AttemptResult::GlobalTimeout
+                } else {
+                    AttemptResult::Failed(Failure::PerTryTimeout)
+                };
+            }
+        },
+        None => fut.await,
+    };
+    match res {
+        Ok(resp) => AttemptResult::Response(resp),
+        Err(e) if e.is_connect() => AttemptResult::Failed(Failure::Connect(format!("{e:?}"))),
+        Err(e) => AttemptResult::Failed(Failure::Reset(format!("{e:?}"))),
+    }
+}
+
+fn retriable_response(r: &RetryPolicy, resp: &Response<Incoming>) -> bool {
+    let code = resp.status().as_u16();
+    let on = &r.on;
+    if on.five_xx && code >= 500 {
+        return true;
+    }
+    if on.gateway_error && matches!(code, 502..=504) {
+        return true;
+    }
+    if on.retriable_4xx && code == 409 {
+        return true;
+    }
+    if on.retriable_status_codes && r.status_codes.contains(&code) {
+        return true;
+    }
+    if !on.grpc_codes.is_empty() {
+        let grpc = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok());
+        if grpc.is_some_and(|g| on.grpc_codes.contains(&g)) {
+            return true;
+        }
+    }
+    false
+}
+
+fn retriable_failure(r: &RetryPolicy, f: &Failure) -> bool {
+    let on = &r.on;
+    match f {
+        Failure::Connect(_) => on.connect_failure || on.five_xx || on.gateway_error || on.reset,
+        Failure::Reset(_) => on.reset || on.five_xx || on.gateway_error,
+        Failure::PerTryTimeout => on.five_xx || on.gateway_error || on.reset,
+    }
+}
+
+/// Jittered exponential back-off before the next attempt; false if the route deadline
+/// leaves no time for it.
+async fn backoff(attempt: u32, deadline: Option<Instant>) -> bool {
+    let cap = RETRY_BASE
+        .saturating_mul(1u32 << attempt.min(8))
+        .min(RETRY_MAX);
+    let wait = Duration::from_millis(random_below(cap.as_millis().max(1) as usize) as u64);
+    if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+        return false;
+    }
+    tokio::time::sleep(wait).await;
+    true
+}
+
+// ------------------------------------------------------------------ local replies
+
+fn full_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+    *resp.status_mut() = status;
+    resp
+}
+
+/// A response generated by the proxy itself, in Envoy's shape (`text/plain`).
+pub fn local_reply(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut resp = full_response(status, Bytes::from_static(body.as_bytes()));
+    if !body.is_empty() {
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    resp
+}
+
+/// A gRPC error as a trailers-only response (HTTP 200, `grpc-status` in the headers).
+fn grpc_reply(code: u32, message: &'static str) -> Response<Body> {
+    let mut resp = full_response(StatusCode::OK, Bytes::new());
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(code));
+    h.insert("grpc-message", HeaderValue::from_static(message));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FullRegex, RouteMatch};
+
+    fn route(path: PathMatch) -> Route {
+        Route {
+            name: "r".into(),
+            matcher: RouteMatch {
+                path,
+                case_sensitive: true,
+                headers: Vec::new(),
+                query: Vec::new(),
+            },
+            action: Action::Direct {
+                status: 200,
+                body: Bytes::new(),
+            },
+            fault: None,
+            headers: HeaderOps::default(),
+        }
+    }
+
+    #[test]
+    fn prefix_and_regex_rewrites_keep_the_query() {
+        let r = route(PathMatch::Prefix("/old/".into()));
+        assert_eq!(
+            rewritten_path(&r, Some("/new/"), None, "/old/thing?a=1"),
+            "/new/thing?a=1"
+        );
+        let r = route(PathMatch::Exact("/x".into()));
+        assert_eq!(rewritten_path(&r, Some("/y"), None, "/x?q"), "/y?q");
+        let re = (
+            FullRegex(Arc::new(regex::Regex::new("^/v1/(.*)$").unwrap())),
+            "/v2/${1}".to_string(),
+        );
+        assert_eq!(
+            rewritten_path(&r, None, Some(&re), "/v1/a/b?z=1"),
+            "/v2/a/b?z=1"
+        );
+    }
+
+    #[test]
+    fn query_and_string_matching() {
+        let q = QueryMatch {
+            name: "id".into(),
+            value: ValueMatch::String(StringMatch::Exact {
+                value: "7".into(),
+                ignore_case: false,
+            }),
+        };
+        assert!(query_matches(&q, "a=1&id=7"));
+        assert!(!query_matches(&q, "id=8"));
+        assert!(string_matches(
+            &StringMatch::Prefix {
+                value: "JA".into(),
+                ignore_case: true
+            },
+            "jason"
+        ));
+    }
+
+    #[test]
+    fn fractions() {
+        assert!(!hit(Fraction {
+            numerator: 0,
+            denominator: 100
+        }));
+        assert!(hit(Fraction {
+            numerator: 100,
+            denominator: 100
+        }));
+        let n = (0..10_000)
+            .filter(|_| {
+                hit(Fraction {
+                    numerator: 300_000,
+                    denominator: 1_000_000,
+                })
+            })
+            .count();
+        assert!((2_700..3_300).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn request_ids_look_like_uuids() {
+        let id = request_id();
+        assert_eq!(id.len(), 36, "{id}");
+        assert_eq!(id.matches('-').count(), 4);
+    }
+}

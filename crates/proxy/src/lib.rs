@@ -1,0 +1,184 @@
+//! `mizzen-proxy`: Mizzen's native data plane (`mizzen proxy sidecar|router` without
+//! `--envoy`).
+//!
+//! The data flows through the modules in this order:
+//!
+//! - [`xds`]: delta ADS client; converts each resource ([`config::proto`]) and publishes a
+//!   new [`snapshot::Snapshot`] atomically after every response.
+//! - [`listener`]: binds the snapshot's listeners, hands `virtualOutbound` connections to the
+//!   listener of their original destination, picks a filter chain.
+//! - [`http`] (HTTP/1.1 + h2c, Envoy's router semantics) or [`tcp`] (byte copy).
+//! - [`cluster`]: load balancing over the cluster's endpoints.
+//! - [`admin`] + [`metrics`]: the admin port, `/healthz/ready` and `/stats/prometheus`.
+//!
+//! The request path reads config only through `ArcSwap::load`; nothing on it takes a lock.
+
+pub mod admin;
+pub mod cluster;
+pub mod config;
+pub mod http;
+pub mod listener;
+pub mod metrics;
+pub mod snapshot;
+pub mod tcp;
+pub mod xds;
+
+use arc_swap::ArcSwap;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use snapshot::Snapshot;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::info;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("binding {what} on {addr}: {source} (is another proxy or Envoy already running?)")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// How to run the proxy; the CLI fills it from flags and the agent's identity.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    pub node: Node,
+    /// `host:port` of the pilot's xDS server.
+    pub discovery_address: String,
+    pub admin_port: u16,
+    pub status_port: u16,
+    pub stats_port: u16,
+    pub drain_duration: Duration,
+    /// `sidecar` or `router`: the `reporter` label of Istio's metrics.
+    pub reporter: &'static str,
+}
+
+/// State shared by every task: the current snapshot, readiness, xDS status, metrics and the
+/// upstream clients.
+pub struct Shared {
+    snapshot: ArcSwap<Snapshot>,
+    ready: AtomicBool,
+    xds_connected: AtomicBool,
+    xds_responses: AtomicU64,
+    pub rejected: metrics::Rejected,
+    generation: watch::Sender<u64>,
+    pub metrics: metrics::Metrics,
+    pub clients: http::Clients,
+    pub reporter: &'static str,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    pub fn new(reporter: &'static str) -> Arc<Shared> {
+        Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            ready: AtomicBool::new(false),
+            xds_connected: AtomicBool::new(false),
+            xds_responses: AtomicU64::new(0),
+            rejected: metrics::Rejected::default(),
+            generation: watch::channel(0).0,
+            metrics: metrics::Metrics::new(),
+            clients: http::Clients::new(),
+            reporter,
+            shutdown: watch::channel(false).0,
+        })
+    }
+
+    /// The config in force; cheap, lock-free.
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    pub fn snapshot_full(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Install a new snapshot and wake the listener manager. Readiness is sticky: once the
+    /// first complete config arrived we keep serving, even if later updates are partial.
+    pub fn publish(&self, snapshot: Snapshot, complete: bool) {
+        self.snapshot.store(Arc::new(snapshot));
+        self.xds_responses.fetch_add(1, Ordering::Relaxed);
+        if complete && !self.ready.swap(true, Ordering::SeqCst) {
+            info!("first complete config (CDS, LDS and their EDS/RDS) received; ready");
+        }
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn set_xds_connected(&self, v: bool) {
+        self.xds_connected.store(v, Ordering::Relaxed);
+    }
+
+    pub fn xds_connected(&self) -> bool {
+        self.xds_connected.load(Ordering::Relaxed)
+    }
+
+    pub fn xds_responses(&self) -> u64 {
+        self.xds_responses.load(Ordering::Relaxed)
+    }
+
+    pub fn count_rejected(&self, type_url: &str) {
+        self.rejected.count(type_url);
+    }
+
+    pub fn generations(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+}
+
+/// Resolves once the shutdown flag is set (or its sender is gone); holds no watch guard
+/// across awaits, so callers stay `Send`.
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Run the proxy until `stop` resolves or `/quitquitquit` is called, then stop accepting and
+/// give in-flight requests `drain_duration` to finish.
+pub async fn run(
+    opts: ProxyOptions,
+    stop: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ProxyError> {
+    let shared = Shared::new(opts.reporter);
+    admin::serve(&shared, &opts).await?;
+    let client = xds::XdsClient {
+        node: opts.node.clone(),
+        endpoint: format!("http://{}", opts.discovery_address),
+        shared: shared.clone(),
+    };
+    let xds_task = tokio::spawn(client.run());
+    let listeners = tokio::spawn(listener::Manager::new(shared.clone()).run());
+    let mut quit = shared.shutdown_signal();
+    tokio::select! {
+        () = stop => info!("shutdown signal received; draining"),
+        () = stopped(&mut quit) => info!("/quitquitquit; draining"),
+    }
+    shared.shutdown();
+    xds_task.abort();
+    // The manager closes every listener on shutdown; in-flight connections hold their own
+    // tasks, which we give the drain time to finish.
+    let _ = listeners.await;
+    let deadline = tokio::time::Instant::now() + opts.drain_duration;
+    while shared.metrics.active_requests() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    info!(
+        in_flight = shared.metrics.active_requests(),
+        "drained; exiting"
+    );
+    Ok(())
+}

@@ -1,0 +1,64 @@
+//! TCP proxy: pick a cluster (weighted), pick an endpoint, connect within the cluster's
+//! connect timeout, then copy bytes both ways until either side closes.
+
+use crate::cluster::random_u64;
+use crate::config::ClusterTarget;
+use crate::Shared;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+fn pick(target: &ClusterTarget) -> Option<&str> {
+    match target {
+        ClusterTarget::Single(c) => Some(c),
+        ClusterTarget::Weighted(ws) => {
+            let total: u64 = ws.iter().map(|w| u64::from(w.weight)).sum();
+            let mut r = random_u64() % total.max(1);
+            for w in ws {
+                if r < u64::from(w.weight) {
+                    return Some(&w.name);
+                }
+                r -= u64::from(w.weight);
+            }
+            ws.first().map(|w| w.name.as_str())
+        }
+    }
+}
+
+pub async fn proxy(
+    shared: Arc<Shared>,
+    mut downstream: TcpStream,
+    target: &ClusterTarget,
+    original_dst: Option<SocketAddr>,
+) {
+    let Some(name) = pick(target) else { return };
+    let Some(cluster) = shared.snapshot().clusters.get(name).cloned() else {
+        debug!(cluster = %name, "tcp proxy: unknown cluster; closing");
+        return;
+    };
+    let Some(picked) = cluster.pick(original_dst) else {
+        debug!(cluster = %name, "tcp proxy: no healthy upstream; closing");
+        return;
+    };
+    let addr = picked.host.authority();
+    let timeout = cluster.config.connect_timeout;
+    let mut upstream = match tokio::time::timeout(timeout, TcpStream::connect(&addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(cluster = %name, %addr, error = %e, "tcp proxy: connect failed");
+            return;
+        }
+        Err(_) => {
+            debug!(cluster = %name, %addr, "tcp proxy: connect timed out");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        Ok((up, down)) => {
+            debug!(cluster = %name, %addr, bytes_sent = up, bytes_received = down, "tcp proxy: closed")
+        }
+        Err(e) => debug!(cluster = %name, %addr, error = %e, "tcp proxy: ended with error"),
+    }
+}
