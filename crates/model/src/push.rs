@@ -51,6 +51,10 @@ pub struct PushContext {
     pub destination_rules: Vec<ConfigEntry<net::DestinationRule>>,
     pub gateways: Vec<ConfigEntry<net::Gateway>>,
     pub sidecars: Vec<ConfigEntry<net::Sidecar>>,
+    /// DestinationRule indexes: exact host -> positions, and the wildcard-host ones. Every
+    /// proxy looks up every service's rule; a linear scan was the pilot's top CPU cost.
+    dr_exact: HashMap<String, Vec<usize>>,
+    dr_wildcard: Vec<usize>,
     /// Every valid resource, for features that read config directly (security, telemetry).
     pub resources: Arc<Vec<Resource>>,
 }
@@ -151,6 +155,13 @@ impl PushContext {
                 _ => {}
             }
         }
+        for (i, d) in ctx.destination_rules.iter().enumerate() {
+            if d.spec.host.starts_with('*') {
+                ctx.dr_wildcard.push(i);
+            } else {
+                ctx.dr_exact.entry(d.spec.host.clone()).or_default().push(i);
+            }
+        }
         ctx.mesh = mesh;
         ctx.resources = resources;
         ctx
@@ -238,26 +249,24 @@ impl PushContext {
         host: &str,
     ) -> Option<&ConfigEntry<net::DestinationRule>> {
         let svc_ns = self.services.get(host).map(|s| s.namespace.as_str());
+        let exact = self.dr_exact.get(host).map(Vec::as_slice).unwrap_or(&[]);
         let candidates = |ns: &str| {
-            let exact = self
-                .destination_rules
+            exact
                 .iter()
-                .find(|d| d.meta.namespace == ns && d.spec.host == host);
-            exact.or_else(|| {
-                self.destination_rules
-                    .iter()
-                    .filter(|d| {
-                        d.meta.namespace == ns
-                            && d.spec.host.starts_with('*')
-                            && host_matches(&d.spec.host, host)
-                    })
-                    .max_by_key(|d| d.spec.host.len())
-            })
+                .map(|&i| &self.destination_rules[i])
+                .find(|d| d.meta.namespace == ns)
+                .or_else(|| {
+                    self.dr_wildcard
+                        .iter()
+                        .map(|&i| &self.destination_rules[i])
+                        .filter(|d| d.meta.namespace == ns && host_matches(&d.spec.host, host))
+                        .max_by_key(|d| d.spec.host.len())
+                })
         };
         candidates(proxy_ns)
             .or_else(|| svc_ns.and_then(candidates))
             .or_else(|| candidates(&self.mesh.root_namespace))
-            .or_else(|| self.destination_rules.iter().find(|d| d.spec.host == host))
+            .or_else(|| exact.first().map(|&i| &self.destination_rules[i]))
     }
 
     /// Gateways (`ns/name`) whose selector matches the router's labels.

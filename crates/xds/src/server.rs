@@ -165,8 +165,10 @@ fn hash_any(a: &Any) -> String {
 struct TypeState {
     /// `None`: wildcard (everything this proxy should have).
     names: Option<BTreeSet<String>>,
-    /// What the proxy has from us: name -> content hash (and the resource, for SotW re-sends).
-    sent: BTreeMap<String, (String, Any)>,
+    /// What the proxy has from us: name -> content hash, plus the resource itself only where
+    /// it may have to be sent again unchanged (SotW clusters kept until removed last). Delta
+    /// streams keep hashes only: a full copy per proxy cost ~3 MB each at 1000 services.
+    sent: BTreeMap<String, (String, Option<Any>)>,
     nonce: String,
     subscribed: bool,
 }
@@ -406,7 +408,8 @@ impl Connection {
             return true;
         }
         if first || names_changed {
-            return self.sotw_send(&type_url, None, true, tx).await;
+            let generated = self.generate(&type_url);
+            return self.sotw_send(&type_url, generated, None, true, tx).await;
         }
         true
     }
@@ -415,14 +418,14 @@ impl Connection {
     async fn sotw_send(
         &mut self,
         type_url: &str,
-        keep: Option<&BTreeMap<String, (String, Any)>>,
+        generated: Vec<Named>,
+        keep: Option<&BTreeMap<String, (String, Option<Any>)>>,
         force: bool,
         tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
     ) -> bool {
-        let resources = self.generate(type_url);
-        let mut next: BTreeMap<String, (String, Any)> = resources
+        let mut next: BTreeMap<String, (String, Option<Any>)> = generated
             .into_iter()
-            .map(|n| (n.name, (hash_any(&n.resource), n.resource)))
+            .map(|n| (n.name, (hash_any(&n.resource), Some(n.resource))))
             .collect();
         if let Some(keep) = keep {
             for (k, v) in keep {
@@ -444,12 +447,18 @@ impl Connection {
         let version = self.push.version.clone();
         let resp = DiscoveryResponse {
             version_info: version.clone(),
-            resources: next.values().map(|(_, a)| a.clone()).collect(),
+            resources: next.values().filter_map(|(_, a)| a.clone()).collect(),
             type_url: type_url.to_string(),
             nonce: nonce.clone(),
             ..Default::default()
         };
         let names: Vec<String> = next.keys().cloned().collect();
+        if type_url != any::CLUSTER {
+            // Only clusters are ever re-sent from this copy (kept until removed last).
+            for v in next.values_mut() {
+                v.1 = None;
+            }
+        }
         if let Some(st) = self.types.get_mut(type_url) {
             st.sent = next;
             st.nonce = nonce.clone();
@@ -466,34 +475,39 @@ impl Connection {
             if !subscribed {
                 continue;
             }
+            let generated = self.generate(type_url);
             let ok = if type_url == any::CLUSTER {
-                let old = self
+                let new_names: BTreeSet<&str> = generated.iter().map(|n| n.name.as_str()).collect();
+                let gone: BTreeMap<String, (String, Option<Any>)> = self
                     .types
                     .get(type_url)
-                    .map(|s| s.sent.clone())
+                    .map(|s| {
+                        s.sent
+                            .iter()
+                            .filter(|(k, _)| !new_names.contains(k.as_str()))
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect()
+                    })
                     .unwrap_or_default();
-                let new_names: BTreeSet<String> = self
-                    .generate(type_url)
-                    .into_iter()
-                    .map(|n| n.name)
-                    .collect();
-                let gone: BTreeMap<String, (String, Any)> = old
-                    .into_iter()
-                    .filter(|(k, _)| !new_names.contains(k))
-                    .collect();
                 let keep = (!gone.is_empty()).then_some(gone);
-                let ok = self.sotw_send(type_url, keep.as_ref(), false, tx).await;
-                removed_clusters = keep;
+                // The final send below reuses this generation: clusters are the costliest type.
+                let final_set = keep.is_some().then(|| generated.clone());
+                let ok = self
+                    .sotw_send(type_url, generated, keep.as_ref(), false, tx)
+                    .await;
+                removed_clusters = final_set;
                 ok
             } else {
-                self.sotw_send(type_url, None, false, tx).await
+                self.sotw_send(type_url, generated, None, false, tx).await
             };
             if !ok {
                 return false;
             }
         }
-        if removed_clusters.is_some() {
-            return self.sotw_send(any::CLUSTER, None, false, tx).await;
+        if let Some(generated) = removed_clusters {
+            return self
+                .sotw_send(any::CLUSTER, generated, None, false, tx)
+                .await;
         }
         true
     }
@@ -563,7 +577,7 @@ impl Connection {
             };
             // A reconnecting client tells us what it has: send only what differs.
             for (name, ver) in &req.initial_resource_versions {
-                st.sent.insert(name.clone(), (ver.clone(), Any::default()));
+                st.sent.insert(name.clone(), (ver.clone(), None));
             }
         }
         let mut changed = first;
@@ -590,7 +604,8 @@ impl Connection {
         if !changed && req.resource_names_subscribe.is_empty() {
             return true;
         }
-        self.delta_send(&type_url, true, first, tx).await
+        let generated = self.generate(&type_url);
+        self.delta_send(&type_url, generated, true, first, tx).await
     }
 
     /// Send what changed for `type_url`. `removals`: include removed names now (false for
@@ -598,27 +613,27 @@ impl Connection {
     async fn delta_send(
         &mut self,
         type_url: &str,
+        generated: Vec<Named>,
         removals: bool,
         always: bool,
         tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     ) -> bool {
-        let generated = self.generate(type_url);
         let Some(st) = self.types.get(type_url) else {
             return true;
         };
         let mut resources = Vec::new();
-        let mut next: BTreeMap<String, (String, Any)> = BTreeMap::new();
+        let mut next: BTreeMap<String, (String, Option<Any>)> = BTreeMap::new();
         for n in generated {
             let h = hash_any(&n.resource);
             if st.sent.get(&n.name).map(|(v, _)| v) != Some(&h) {
                 resources.push(Resource {
                     name: n.name.clone(),
                     version: h.clone(),
-                    resource: Some(n.resource.clone()),
+                    resource: Some(n.resource),
                     ..Default::default()
                 });
             }
-            next.insert(n.name, (h, n.resource));
+            next.insert(n.name, (h, None));
         }
         let mut removed: Vec<String> = Vec::new();
         for (name, v) in &st.sent {
@@ -665,19 +680,59 @@ impl Connection {
         &mut self,
         tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     ) -> bool {
+        let mut cluster_names: Option<BTreeSet<String>> = None;
         for type_url in PUSH_ORDER {
             if !self.types.get(type_url).is_some_and(|s| s.subscribed) {
                 continue;
             }
+            let generated = self.generate(type_url);
             let removals = type_url != any::CLUSTER;
-            if !self.delta_send(type_url, removals, false, tx).await {
+            if !removals {
+                cluster_names = Some(generated.iter().map(|n| n.name.clone()).collect());
+            }
+            if !self
+                .delta_send(type_url, generated, removals, false, tx)
+                .await
+            {
                 return false;
             }
         }
-        // Stale clusters go last.
-        if self.types.get(any::CLUSTER).is_some_and(|s| s.subscribed) {
-            return self.delta_send(any::CLUSTER, true, false, tx).await;
+        // Stale clusters go last, once listeners and routes no longer point at them.
+        let Some(current) = cluster_names else {
+            return true;
+        };
+        let stale: Vec<String> = self
+            .types
+            .get(any::CLUSTER)
+            .map(|st| {
+                st.sent
+                    .keys()
+                    .filter(|k| !current.contains(*k))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if stale.is_empty() {
+            return true;
         }
-        true
+        let nonce = self.next_nonce();
+        let version = self.push.version.clone();
+        let mut names = Vec::new();
+        if let Some(st) = self.types.get_mut(any::CLUSTER) {
+            for n in &stale {
+                st.sent.remove(n);
+            }
+            st.nonce = nonce.clone();
+            names = st.sent.keys().cloned().collect();
+        }
+        self.note_sent(any::CLUSTER, &version, &nonce, names);
+        let resp = DeltaDiscoveryResponse {
+            system_version_info: version,
+            type_url: any::CLUSTER.to_string(),
+            removed_resources: stale,
+            nonce,
+            ..Default::default()
+        };
+        tx.send(Ok(resp)).await.is_ok()
     }
 }
