@@ -21,8 +21,13 @@ from lib.pilot import CDS, EDS, LDS, RDS, Pilot, dump_json
 from lib.procs import Proc, free_port, wait_until
 from lib.traffic import Gateway, constant_load, echo, summarize
 # The router scenario's constants and helpers, shared with the Envoy run on purpose.
-from test_pilot_envoy import (API, API_V1_IP, API_V2_IP, CONFIGS, ECHO_V1_IP, ECHO_V2_IP, ROUTER_FILES,
-                              ROUTER_IP, WEB, WEB_V1_IP, WEB_V2_IP, render, wait_acked)
+from test_pilot_envoy import (API, API_V1_IP, API_V2_IP, CLUSTER_IP, CONFIGS, ECHO_V1_IP, ECHO_V2_IP,
+                              PROXY_UID, ROUTER_FILES, ROUTER_IP, WEB, WEB_V1_IP, WEB_V2_IP, exec_as,
+                              ns_requests, render, uid_dir, wait_acked)
+from lib.capture import apply_in_netns, istio_outbound_redirect_rules
+from lib.netns import NetNS
+
+assert uid_dir  # a fixture, used by name below
 
 MIRROR_VS = """\
 # Mirroring is not implemented by the native proxy yet: its route configuration must be NACKed.
@@ -58,9 +63,11 @@ class NativeMesh:
         return render(CONFIGS / "router" / f"{name}.yaml.tmpl", {**self.values, **extra})
 
 
-@pytest.fixture(scope="module")
-def mesh(mizzen_bin, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("native-router")
+@pytest.fixture(scope="module", params=["delta", "sotw"])
+def mesh(request, mizzen_bin, tmp_path_factory):
+    """The router mesh over incremental (delta) ADS and over state of the world."""
+    xds_mode = request.param
+    workdir = tmp_path_factory.mktemp(f"native-router-{xds_mode}")
     web_port = port_free_on_all([WEB_V1_IP, WEB_V2_IP])
     backends = {
         "web-v1": Backend("web-v1", "v1", WEB_V1_IP, web_port),
@@ -94,13 +101,14 @@ def mesh(mizzen_bin, tmp_path_factory):
         proxy = NativeProxy(mizzen_bin, "router", pilot.xds_address, pod_name="ingress-gw-0",
                             namespace="istio-system", ip=ROUTER_IP,
                             labels={"istio": "ingressgateway", "app": "istio-ingressgateway"},
-                            workdir=workdir).start()
+                            workdir=workdir, extra_args=["--xds-mode", xds_mode]).start()
         gw = Gateway(gateway_port)
         wait_until(lambda: gw.get("split.example.com", "/", timeout=2).headers.get("x-backend")
                    in ("web-v1", "web-v2"), 15, what=f"split.example.com routed via 127.0.0.1:{gateway_port}",
                    proc=proxy.proc)
         m = NativeMesh(pilot, proxy, gw, gateway_port, backends, values)
         m.tcp_gateway_port = tcp_gateway_port
+        m.xds_mode = xds_mode
         yield m
     finally:
         if gw is not None:
@@ -118,7 +126,7 @@ def mesh(mizzen_bin, tmp_path_factory):
 def test_router_gets_all_config_with_zero_rejections(mesh: NativeMesh):
     p = wait_acked(mesh.pilot, mesh.proxy.node_id)
     assert p["type"] == "router"
-    assert p["delta"] is True
+    assert p["delta"] is (mesh.xds_mode == "delta"), "the stream variant the proxy asked for"
     assert mesh.proxy.rejected() == {}
     names = mesh.proxy.dynamic_names()
     port = mesh.gateway_port
@@ -335,3 +343,69 @@ def test_unsupported_feature_is_nacked_and_previous_routes_keep_serving(mesh: Na
     # Once the pilot stops sending it, the next version is ACKed again.
     wait_acked(mesh.pilot, node, types=(CDS, LDS, RDS, EDS))
     assert mesh.gw.backend("split.example.com", "/") in ("web-v1", "web-v2")
+
+
+# --------------------------------------------------------------------------------------------
+# The native proxy as a sidecar in a network namespace, with Istio's capture rules.
+# --------------------------------------------------------------------------------------------
+def test_sidecar_in_netns_with_capture(require_root, mizzen_bin, uid_dir):
+    ns = NetNS().create()
+    backends: list[Backend] = []
+    pilot = proxy = None
+    try:
+        v1_ip, v2_ip = ns.ip(11), ns.ip(12)
+        ns.add_root_ip(v1_ip)
+        ns.add_root_ip(v2_ip)
+        port = port_free_on_all([v1_ip, v2_ip])
+        backends = [Backend("reviews-v1", "v1", v1_ip, port).start(),
+                    Backend("reviews-v2", "v2", v2_ip, port).start()]
+        values = {"CLUSTER_IP": CLUSTER_IP, "REVIEWS_PORT": port, "REVIEWS_V1_IP": v1_ip,
+                  "REVIEWS_V2_IP": v2_ip, "SLEEP_IP": ns.ns_ip}
+        pilot = Pilot(mizzen_bin, uid_dir, {"reviews.yaml": render(CONFIGS / "sidecar" / "reviews.yaml.tmpl", values)},
+                      xds_host=ns.root_ip, name="pilot-native-sidecar").start()
+
+        apply_in_netns(ns, istio_outbound_redirect_rules(15001, 15006, PROXY_UID, PROXY_UID))
+        proxy = NativeProxy(exec_as(PROXY_UID, mizzen_bin, uid_dir), "sidecar", pilot.xds_address,
+                            pod_name="sleep", namespace="default", ip=ns.ns_ip, labels={"app": "sleep"},
+                            workdir=uid_dir, netns=ns.name, uid=PROXY_UID).start()
+        assert wait_acked(pilot, proxy.node_id)["type"] == "sidecar"
+        assert proxy.rejected() == {}
+        assert "virtualOutbound" in proxy.dynamic_names()["listeners"]
+
+        # Plain curl to the ClusterIP, as root inside the namespace: captured to 15001, handed
+        # to the 0.0.0.0_80 listener by its original destination.
+        def curl_ok():
+            cp = ns.exec(["curl", "-sS", "-m", "5", "-D", "-", f"http://{CLUSTER_IP}/"], check=False, timeout=10)
+            return cp.stdout if cp.returncode == 0 and " 200" in cp.stdout.split("\r\n", 1)[0] else None
+        out = wait_until(curl_ok, 15, interval=0.3, what=f"curl http://{CLUSTER_IP}/ from {ns.name}", proc=proxy.proc)
+        assert "x-backend: reviews-v" in out.lower(), out
+
+        res = ns_requests(ns, 1000)
+        assert all(r[0] == 200 for r in res), [r for r in res if r[0] != 200][:5]
+        assert all("x-request-id" in r[2]["headers"] for r in res), res[0]
+        c = Counter(r[1] for r in res)
+        assert set(c) <= {"reviews-v1", "reviews-v2"} and 860 <= c["reviews-v1"] <= 940, c
+
+        res = ns_requests(ns, 20, {"end-user": "jason"})
+        assert {r[1] for r in res} == {"reviews-v2"}, res[:3]
+        assert all(r[2]["headers"].get("x-mesh") == "mizzen" for r in res), res[0]
+
+        res = ns_requests(ns, 20, {"Host": "reviews.default.svc.cluster.local", "end-user": "jason"})
+        assert {r[1] for r in res} == {"reviews-v2"}, res[:3]
+
+        # The proxy's own metrics saw the traffic, per subset cluster.
+        text = proxy.get(proxy.stats_port, "/stats/prometheus").text
+        sent = sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                   if ln.startswith("istio_requests_total{") and "reviews.default.svc.cluster.local" in ln
+                   and 'response_code="200"' in ln)
+        assert sent >= 1040, text[:2000]
+        assert backends[0].total() + backends[1].total() >= 1040
+        assert proxy.rejected() == {}
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        if pilot is not None:
+            pilot.stop()
+        for b in backends:
+            b.stop()
+        ns.delete()

@@ -3,7 +3,7 @@
 //!
 //! The data flows through the modules in this order:
 //!
-//! - [`xds`]: delta ADS client; converts each resource ([`config::proto`]) and publishes a
+//! - [`xds`]: ADS client (delta or state of the world); converts each resource ([`config::proto`]) and publishes a
 //!   new [`snapshot::Snapshot`] atomically after every response.
 //! - [`listener`]: binds the snapshot's listeners, hands `virtualOutbound` connections to the
 //!   listener of their original destination, picks a filter chain.
@@ -49,6 +49,7 @@ pub struct ProxyOptions {
     pub node: Node,
     /// `host:port` of the pilot's xDS server.
     pub discovery_address: String,
+    pub xds_mode: xds::Mode,
     pub admin_port: u16,
     pub status_port: u16,
     pub stats_port: u16,
@@ -158,6 +159,7 @@ pub async fn run(
     let client = xds::XdsClient {
         node: opts.node.clone(),
         endpoint: format!("http://{}", opts.discovery_address),
+        mode: opts.xds_mode,
         shared: shared.clone(),
     };
     let xds_task = tokio::spawn(client.run());

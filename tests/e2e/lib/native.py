@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import requests
@@ -17,7 +18,7 @@ from .procs import Proc, free_ports, wait_until
 class NativeProxy:
     def __init__(self, mizzen_bin: str | Path, kind: str, discovery_address: str, pod_name: str,
                  namespace: str, ip: str, labels: dict[str, str] | None, workdir: Path,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, netns: str | None = None, uid: int | None = None):
         assert kind in ("router", "sidecar"), kind
         self.mizzen_bin = str(mizzen_bin)
         self.kind = kind
@@ -26,6 +27,7 @@ class NativeProxy:
         self.labels = dict(labels or {})
         self.workdir = Path(workdir)
         self.extra_args = list(extra_args or [])
+        self.netns, self.uid = netns, uid
         self.admin_port, self.status_port, self.stats_port = free_ports(3)
         self.proc: Proc | None = None
         self.name = f"native-{kind}-{pod_name}"
@@ -42,7 +44,12 @@ class NativeProxy:
             a += ["--label", f"{k}={v}"]
         a += ["--admin-port", str(self.admin_port), "--status-port", str(self.status_port),
               "--stats-port", str(self.stats_port)]
-        return a + self.extra_args
+        prefix: list[str] = []
+        if self.netns:
+            prefix += ["ip", "netns", "exec", self.netns]
+        if self.uid is not None:
+            prefix += ["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups"]
+        return prefix + a + self.extra_args
 
     def start(self, ready_timeout: float = 30.0) -> "NativeProxy":
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +57,8 @@ class NativeProxy:
         env.setdefault("RUST_BACKTRACE", "1")
         env.setdefault("RUST_LOG", "info")
         self.proc = Proc(self.name, self.argv(), self.workdir / f"{self.name}.log", env=env, cwd=self.workdir)
-        wait_until(lambda: self.get(self.status_port, "/healthz/ready").status_code == 200, ready_timeout,
+        wait_until(lambda: self.get(self.status_port, "/healthz/ready").status_code == 200 or None,
+                   ready_timeout,
                    what=f"{self.name} GET :{self.status_port}/healthz/ready = 200", proc=self.proc)
         return self
 
@@ -58,8 +66,19 @@ class NativeProxy:
         if self.proc is not None:
             self.proc.stop()
 
-    def get(self, port: int, path: str, timeout: float = 3.0) -> requests.Response:
-        return requests.get(f"http://127.0.0.1:{port}{path}", timeout=timeout)
+    def get(self, port: int, path: str, timeout: float = 3.0) -> "_Resp":
+        """GET on one of the proxy's own ports (inside its netns when it has one)."""
+        url = f"http://127.0.0.1:{port}{path}"
+        if not self.netns:
+            r = requests.get(url, timeout=timeout)
+            return _Resp(r.status_code, r.text)
+        cp = subprocess.run(["ip", "netns", "exec", self.netns, "curl", "-sS", "-m", str(timeout),
+                             "-o", "-", "-w", "\n%{http_code}", url],
+                            capture_output=True, text=True, timeout=timeout + 5)
+        if cp.returncode != 0:
+            raise ConnectionError(f"curl {url} in {self.netns}: rc={cp.returncode} {cp.stderr.strip()}")
+        body, _, code = cp.stdout.rpartition("\n")
+        return _Resp(int(code), body)
 
     def admin(self, path: str) -> str:
         r = self.get(self.admin_port, path, timeout=5.0)
@@ -92,3 +111,8 @@ class NativeProxy:
         r = self.get(self.stats_port, "/stats/prometheus")
         assert r.status_code == 200, r.status_code
         return r.text
+
+
+class _Resp:
+    def __init__(self, status_code: int, text: str):
+        self.status_code, self.text = status_code, text

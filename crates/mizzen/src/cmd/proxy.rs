@@ -158,13 +158,6 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
 /// The native data plane: same identity resolution and ports as the agent, but the proxy is
 /// this process.
 fn run_native(args: ProxyArgs) -> anyhow::Result<u8> {
-    if args.xds_mode != "delta" {
-        anyhow::bail!(
-            "the native proxy speaks delta xDS only for now; drop --xds-mode {} (or pass \
-             --envoy PATH to run Envoy)",
-            args.xds_mode
-        );
-    }
     let proxy_type: ProxyType = args.proxy_type.parse()?;
     let discovery: DiscoveryAddress = args.discovery_address.parse()?;
     let input = IdentityInput {
@@ -181,6 +174,11 @@ fn run_native(args: ProxyArgs) -> anyhow::Result<u8> {
     let opts = mizzen_proxy::ProxyOptions {
         node: identity.node(),
         discovery_address: discovery.to_string(),
+        xds_mode: if args.xds_mode == "sotw" {
+            mizzen_proxy::xds::Mode::Sotw
+        } else {
+            mizzen_proxy::xds::Mode::Delta
+        },
         admin_port: args.admin_port,
         status_port: args.status_port,
         stats_port: args.stats_port,
