@@ -33,7 +33,7 @@ from lib.traffic import Gateway, constant_load, echo, summarize
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 ROUTER_FILES = ["gateway", "web", "api", "vs-split", "vs-match", "vs-rewrite", "vs-redirect",
-                "vs-fault", "vs-timeout", "vs-retry", "vs-edit", "tcp-echo"]
+                "vs-fault", "vs-timeout", "vs-retry", "vs-edit", "tcp-echo", "vs-mirror-cors"]
 ECHO_V1_IP, ECHO_V2_IP = "127.0.0.15", "127.0.0.16"
 ROUTER_IP = "127.0.0.100"  # the gateway's identity (node id); nothing binds it
 WEB_V1_IP, WEB_V2_IP, API_V1_IP, API_V2_IP = "127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"
@@ -268,6 +268,34 @@ def test_retries(mesh: RouterMesh):
     assert mesh.b["web-v1"].count(f"/status/200/{tag}") == 1
 
 
+def test_mirror_sends_a_copy_to_v2(mesh: RouterMesh):
+    tag = uuid.uuid4().hex
+    for i in range(5):
+        r = mesh.gw.get("mirror.example.com", f"/m/{tag}/{i}")
+        assert r.status_code == 200 and r.headers["x-backend"] == "web-v1", "v1 answers"
+    # The mirror is fire and forget: its copies arrive asynchronously.
+    wait_until(lambda: all(mesh.b["web-v2"].count(f"/m/{tag}/{i}") == 1 for i in range(5)), 5,
+               what="every request mirrored to web-v2 exactly once")
+    assert all(mesh.b["web-v1"].count(f"/m/{tag}/{i}") == 1 for i in range(5))
+
+
+def test_cors_preflight_and_simple_request(mesh: RouterMesh):
+    pre = mesh.gw.session.options(f"http://127.0.0.1:{mesh.gateway_port}/c", timeout=10, headers={
+        "Host": "mirror.example.com", "Origin": "https://app.example.com",
+        "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-custom"})
+    assert pre.status_code == 200, pre.text
+    assert pre.headers.get("access-control-allow-origin") == "https://app.example.com"
+    assert "POST" in pre.headers.get("access-control-allow-methods", "")
+    assert pre.headers.get("access-control-allow-credentials") == "true"
+    assert pre.headers.get("access-control-max-age") == "86400"
+    r = mesh.gw.get("mirror.example.com", "/c", headers={"Origin": "https://dev.example.org"})
+    assert r.headers.get("access-control-allow-origin") == "https://dev.example.org"
+    assert r.headers.get("access-control-expose-headers") == "x-backend"
+    # An origin the policy does not allow gets no CORS headers.
+    r = mesh.gw.get("mirror.example.com", "/c", headers={"Origin": "https://evil.example.net"})
+    assert "access-control-allow-origin" not in r.headers
+
+
 def test_tcp_route_through_gateway(mesh: RouterMesh):
     """A Gateway TCP server plus a VirtualService tcp route: bytes flow through Envoy's
     tcp_proxy to the subset the route names (v2), on a real TCP echo backend."""
@@ -495,6 +523,35 @@ def test_sidecar_in_netns_with_capture(require_root, mizzen_bin, envoy_bin, uid_
                    for v in ("v1", "v2"))
         assert sent >= 1040, {k: v for k, v in stats.items() if k.endswith("upstream_rq_total")}
         assert backends[0].total() + backends[1].total() >= 1040
+        proxy.assert_no_rejected_updates()
+
+        # Outbound traffic policy: a destination outside the registry (a pod IP and port no
+        # Service names) passes through with the default ALLOW_ANY ...
+        direct = f"http://{v1_ip}:{port}/direct"
+        def curl_direct():
+            return ns.exec(["curl", "-sS", "-m", "3", "-o", "/dev/null", "-w", "%{http_code}", direct],
+                           check=False, timeout=10)
+        cp = curl_direct()
+        assert cp.returncode == 0 and cp.stdout == "200", (cp.returncode, cp.stdout, cp.stderr)
+        passthrough = proxy.stats().get("cluster.PassthroughCluster.upstream_cx_total", 0)
+        assert passthrough >= 1, "went through Envoy's PassthroughCluster, not around it"
+        # ... and is refused once a mesh-wide Sidecar says REGISTRY_ONLY, while the service
+        # keeps working.
+        pilot.write("registry-only.yaml", """apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata:
+  name: default
+  namespace: istio-system
+spec:
+  outboundTrafficPolicy:
+    mode: REGISTRY_ONLY
+""")
+        wait_until(lambda: curl_direct().returncode != 0 or None, 10, interval=0.3,
+                   what="REGISTRY_ONLY blocks an unknown destination", proc=proxy.proc)
+        assert proxy.stats().get("cluster.BlackHoleCluster.upstream_cx_none_healthy", 0) >= 1, \
+            "refused by Envoy's BlackHoleCluster (no endpoints), not by the network"
+        res = ns_requests(ns, 10)
+        assert all(r[0] == 200 for r in res), res[:3]
         proxy.assert_no_rejected_updates()
     finally:
         if proxy is not None:
