@@ -228,6 +228,85 @@ fn load_assignment(cluster: &str, address: &str, port: u16) -> Value {
     })
 }
 
+/// Workload identity wiring for the bootstrap (only when the agent has a CA to talk to).
+#[derive(Clone, Debug)]
+pub struct BootstrapSecurity {
+    /// The agent's SDS socket (see [`crate::sds`]).
+    pub sds_socket: PathBuf,
+    /// Reach the pilot over TLS (its 15012 port), presenting `default` and verifying the
+    /// pilot against `ROOTCA` and istiod's name, as Istio's agents did before the xDS proxy.
+    pub xds_tls: bool,
+}
+
+/// The `sds_config` every SDS reference in Envoy config uses: the `sds-grpc` cluster,
+/// SotW gRPC (Envoy's default for SDS).
+pub fn sds_config() -> Value {
+    json!({
+        "api_config_source": {
+            "api_type": "GRPC",
+            "transport_api_version": "V3",
+            "set_node_on_first_message_only": true,
+            "grpc_services": [{ "envoy_grpc": { "cluster_name": crate::sds::SDS_CLUSTER } }]
+        },
+        "resource_api_version": "V3"
+    })
+}
+
+/// Add the `sds-grpc` cluster (a pipe to the agent's SDS socket), and TLS on `xds-grpc` when
+/// asked, to a bootstrap from [`build`].
+pub fn add_security(bootstrap: &mut Value, sec: &BootstrapSecurity) {
+    let sds = json!({
+        "name": crate::sds::SDS_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {
+            "cluster_name": crate::sds::SDS_CLUSTER,
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
+                "pipe": { "path": sec.sds_socket.to_string_lossy() }
+            }}}]}]
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": { "http2_protocol_options": {} }
+            }
+        }
+    });
+    let Some(clusters) = bootstrap["static_resources"]["clusters"].as_array_mut() else {
+        return;
+    };
+    if sec.xds_tls {
+        if let Some(xds) = clusters.iter_mut().find(|c| c["name"] == "xds-grpc") {
+            xds["transport_socket"] = json!({
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                    "sni": mizzen_ca::client::PILOT_SAN,
+                    "common_tls_context": {
+                        "alpn_protocols": ["h2"],
+                        "tls_certificate_sds_secret_configs": [{
+                            "name": crate::sds::WORKLOAD_SECRET, "sds_config": sds_config()
+                        }],
+                        "combined_validation_context": {
+                            "default_validation_context": {
+                                "match_typed_subject_alt_names": [{
+                                    "san_type": "DNS",
+                                    "matcher": { "exact": mizzen_ca::client::PILOT_SAN }
+                                }]
+                            },
+                            "validation_context_sds_secret_config": {
+                                "name": crate::sds::ROOT_SECRET, "sds_config": sds_config()
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    }
+    clusters.push(sds);
+}
+
 /// Write `bootstrap` to `<dir>/envoy-rev.json` (creating `dir`) and return the file path.
 /// Written to a temporary name and renamed, so a restarting Envoy never reads half a file.
 pub fn write(dir: &Path, bootstrap: &Value) -> Result<PathBuf, BootstrapError> {
@@ -380,6 +459,44 @@ mod tests {
         let layers = b["layered_runtime"]["layers"].as_array().unwrap();
         assert!(layers.iter().any(|l| l.get("static_layer").is_some()));
         assert!(layers.iter().any(|l| l.get("admin_layer").is_some()));
+    }
+
+    #[test]
+    fn security_adds_sds_cluster_and_xds_tls() {
+        let mut b = build(&identity(), &opts("127.0.0.1:15012"));
+        let plain = b.clone();
+        add_security(
+            &mut b,
+            &BootstrapSecurity {
+                sds_socket: "/tmp/x/workload-spiffe-uds/socket".into(),
+                xds_tls: true,
+            },
+        );
+        let sds = cluster(&b, "sds-grpc");
+        assert_eq!(
+            sds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                ["pipe"]["path"],
+            "/tmp/x/workload-spiffe-uds/socket"
+        );
+        let tls = &cluster(&b, "xds-grpc")["transport_socket"]["typed_config"];
+        assert_eq!(tls["sni"], "istiod.istio-system.svc");
+        let ctx = &tls["common_tls_context"];
+        assert_eq!(
+            ctx["tls_certificate_sds_secret_configs"][0]["name"],
+            "default"
+        );
+        assert_eq!(
+            ctx["combined_validation_context"]["validation_context_sds_secret_config"]["name"],
+            "ROOTCA"
+        );
+        assert_eq!(
+            ctx["tls_certificate_sds_secret_configs"][0]["sds_config"]["api_config_source"]
+                ["grpc_services"][0]["envoy_grpc"]["cluster_name"],
+            "sds-grpc"
+        );
+        assert!(cluster(&plain, "xds-grpc")
+            .get("transport_socket")
+            .is_none());
     }
 
     #[test]

@@ -5,13 +5,17 @@
 //!
 //! Layout: [`identity`] (node id + metadata), [`bootstrap`] (Envoy's static config),
 //! [`envoy`] (process supervision), [`readiness`] (`/healthz/ready`), [`admin`] (Envoy admin
-//! client), and [`run`] tying them together.
+//! client), [`identity_cert`] (workload key + certificate from the pilot's CA, rotated) and
+//! [`sds`] (serving it to Envoy as Istio's `default` / `ROOTCA` secrets), and [`run`] tying
+//! them together.
 
 pub mod admin;
 pub mod bootstrap;
 pub mod envoy;
 pub mod identity;
+pub mod identity_cert;
 pub mod readiness;
+pub mod sds;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -33,6 +37,8 @@ pub enum AgentError {
         addr: SocketAddr,
         error: std::io::Error,
     },
+    #[error(transparent)]
+    Sds(#[from] sds::SdsError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -50,6 +56,9 @@ pub struct AgentConfig {
     pub concurrency: u16,
     pub log_level: String,
     pub drain_duration: std::time::Duration,
+    /// Workload identity from the pilot's CA, served to Envoy over SDS; `None` keeps the
+    /// agent as before (no certificates, plaintext xDS).
+    pub identity_cert: Option<identity_cert::CertOptions>,
 }
 
 /// A started agent: Envoy is being supervised and the status port is bound.
@@ -70,7 +79,25 @@ impl Agent {
         cfg: AgentConfig,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<Agent, AgentError> {
-        let bs = bootstrap::build(&cfg.identity, &cfg.bootstrap);
+        let mut bs = bootstrap::build(&cfg.identity, &cfg.bootstrap);
+        // Certificates and SDS first: Envoy's first connection to the pilot may already need
+        // them. The fetch loop and the SDS server live as long as the agent's task.
+        let mut security_tasks = Vec::new();
+        if let Some(cert) = cfg.identity_cert.clone() {
+            let (tx, rx) = watch::channel(None);
+            let (socket, sds_task) = sds::SdsServer::new(rx).serve(&cfg.config_dir)?;
+            // xDS goes over TLS when it targets the pilot's TLS port, i.e. the CA's address.
+            let xds_tls = cert.ca_address == cfg.bootstrap.discovery.to_string();
+            bootstrap::add_security(
+                &mut bs,
+                &bootstrap::BootstrapSecurity {
+                    sds_socket: socket,
+                    xds_tls,
+                },
+            );
+            security_tasks.push(sds_task);
+            security_tasks.push(tokio::spawn(cert.run(tx)));
+        }
         let bootstrap_path = bootstrap::write(&cfg.config_dir, &bs)?;
         tracing::info!(
             node = %cfg.identity.node_id(),
@@ -106,6 +133,9 @@ impl Agent {
                 draining.store(true, Ordering::Relaxed);
             };
             let result = supervisor.run(shutdown).await;
+            for t in security_tasks {
+                t.abort();
+            }
             // The status server outlives Envoy by nothing: once Envoy is gone there is
             // nothing left to report on.
             let _ = stop_tx.send(true);

@@ -77,6 +77,7 @@ fn config(discovery: String, labels: &[&str], tag: &str) -> (AgentConfig, Ports)
         concurrency: 1,
         log_level: "warning".into(),
         drain_duration: Duration::from_secs(1),
+        identity_cert: None,
     };
     (cfg, ports)
 }
@@ -220,6 +221,7 @@ async fn ready_once_pilot_configures_envoy() {
         outbound_mode: mizzen_config::networking::OutboundMode::AllowAny,
         debounce: Duration::from_millis(50),
         debounce_max: Duration::from_secs(1),
+        secure: None,
     }));
     let (cfg, ports) = config(
         format!("127.0.0.1:{xds_port}"),

@@ -6,6 +6,7 @@
 //! publish it on a `watch` channel that every xDS stream follows. Also serves the monitoring
 //! port (15014): `/ready`, `/metrics`, `/debug/syncz`, `/debug/configz`.
 
+pub mod ca_server;
 pub mod monitor;
 pub mod store;
 
@@ -28,6 +29,8 @@ pub enum PilotError {
     Watch(PathBuf, notify::Error),
     #[error("cannot listen on {0} (is another pilot running?): {1}")]
     Bind(SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Secure(#[from] ca_server::SecureError),
     #[error("xDS server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -43,6 +46,8 @@ pub struct PilotConfig {
     pub debounce: Duration,
     /// Upper bound on how long a steady stream of changes can delay a push (PILOT_DEBOUNCE_MAX).
     pub debounce_max: Duration,
+    /// The CA and the TLS port (15012); `None` keeps the pilot plaintext-only.
+    pub secure: Option<ca_server::SecureConfig>,
 }
 
 /// State shared with the monitoring endpoints.
@@ -173,6 +178,15 @@ pub async fn run(cfg: PilotConfig) -> Result<(), PilotError> {
             }
         }
     });
+
+    if let Some(secure) = &cfg.secure {
+        let server = ca_server::start(secure, discovery.clone()).await?;
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                error!(error = %e, "secure xDS/CA server failed");
+            }
+        });
+    }
 
     info!(addr = %cfg.xds_addr, "serving xDS (ADS, SotW and delta)");
     let incoming = tokio::net::TcpListener::bind(cfg.xds_addr)

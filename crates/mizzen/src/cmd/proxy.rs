@@ -69,6 +69,78 @@ pub struct ProxyArgs {
     #[arg(long, alias = "proxyLogLevel", default_value = "warning",
           value_parser = ["trace", "debug", "info", "warning", "warn", "error", "critical", "off"])]
     proxy_log_level: String,
+    #[command(flatten)]
+    security: SecurityArgs,
+}
+
+/// Workload identity for the Envoy agent (opt-in: without --ca-address, --token-file or
+/// MIZZEN_TOKEN the agent runs exactly as before, with no certificates).
+#[derive(clap::Args)]
+struct SecurityArgs {
+    /// The pilot's CSR API (its TLS port) [default when a token is given: the discovery
+    /// host on port 15012]. When it equals --discovery-address, xDS also goes over TLS.
+    #[arg(long, value_name = "HOST:PORT")]
+    ca_address: Option<String>,
+    /// File holding the bearer token for the CSR API (`mizzen pilot token` prints one);
+    /// re-read at every renewal. [default with --ca-address:
+    /// /var/run/secrets/tokens/istio-token, Istio's third-party token path]
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// The bearer token itself (prefer --token-file: the environment is visible to the
+    /// process tree).
+    #[arg(long, env = "MIZZEN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Mesh root certificate (PEM) to verify the pilot and peers: the pilot's
+    /// <ca-dir>/root-cert.pem. Required with workload identity; never fetched unverified.
+    #[arg(long, value_name = "PATH")]
+    root_cert: Option<PathBuf>,
+    /// SPIFFE trust domain of this workload's identity.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Renew the certificate at this fixed interval instead of at 80% of its lifetime.
+    #[arg(long, value_parser = parse_duration)]
+    cert_rotation_interval: Option<Duration>,
+}
+
+/// Istio's projected service-account token path.
+const ISTIO_TOKEN_PATH: &str = "/var/run/secrets/tokens/istio-token";
+
+fn identity_cert_options(
+    sec: &SecurityArgs,
+    identity: &Identity,
+    discovery: &DiscoveryAddress,
+) -> anyhow::Result<Option<mizzen_agent::identity_cert::CertOptions>> {
+    use mizzen_agent::identity_cert::{CertOptions, TokenSource};
+    let token = match (&sec.token_file, &sec.token) {
+        (Some(p), _) => TokenSource::File(p.clone()),
+        (None, Some(t)) => TokenSource::Inline(t.clone()),
+        (None, None) if sec.ca_address.is_some() => TokenSource::File(ISTIO_TOKEN_PATH.into()),
+        (None, None) => return Ok(None),
+    };
+    let ca_address = sec
+        .ca_address
+        .clone()
+        .unwrap_or_else(|| format!("{}:15012", discovery.host));
+    let root = sec.root_cert.as_ref().context(
+        "workload identity needs --root-cert PATH (the pilot's <ca-dir>/root-cert.pem) to \
+         verify the pilot",
+    )?;
+    let root_pem = std::fs::read_to_string(root)
+        .with_context(|| format!("reading --root-cert {}", root.display()))?;
+    if mizzen_ca::pem_certs(&root_pem).is_empty() {
+        anyhow::bail!("--root-cert {}: no PEM certificate in it", root.display());
+    }
+    Ok(Some(CertOptions {
+        ca_address,
+        token,
+        root_pem,
+        identity: mizzen_ca::SpiffeId::new(
+            &sec.trust_domain,
+            &identity.namespace,
+            &identity.service_account,
+        ),
+        rotation_interval: sec.cert_rotation_interval,
+    }))
 }
 
 /// `500ms`, `5s`, `2m`, or a bare number of seconds.
@@ -107,6 +179,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
     };
     let env = std::env::vars().collect();
     let identity = Identity::resolve(proxy_type, &input, &env, &HostInfo::detect())?;
+    let identity_cert = identity_cert_options(&args.security, &identity, &discovery)?;
 
     // A per-process default directory, removed again on exit; an explicit --config-path is
     // the operator's and is left in place for inspection.
@@ -135,6 +208,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
         concurrency: args.concurrency,
         log_level,
         drain_duration: args.drain_duration,
+        identity_cert,
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
