@@ -107,9 +107,16 @@ impl Agent {
         );
 
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.status_port));
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|error| AgentError::StatusBind { addr, error })?;
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(error) => {
+                // Nothing else will ever stop the SDS server and the certificate loop.
+                for t in &security_tasks {
+                    t.abort();
+                }
+                return Err(AgentError::StatusBind { addr, error });
+            }
+        };
         let status_addr = listener.local_addr().unwrap_or(addr);
 
         let admin = admin::AdminClient::new(cfg.bootstrap.admin_port);
