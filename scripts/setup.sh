@@ -12,7 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # --- Debian packages -------------------------------------------------------------------------
-apt_pkgs=(iptables nftables iproute2 curl nghttp2-client procps util-linux)
+apt_pkgs=(iptables nftables iproute2 curl nghttp2-client procps util-linux openssl)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
