@@ -22,12 +22,17 @@ from lib.procs import Proc, free_port, wait_until
 from lib.traffic import Gateway, constant_load, echo, summarize
 # The router scenario's constants and helpers, shared with the Envoy run on purpose.
 from test_pilot_envoy import (API, API_V1_IP, API_V2_IP, CLUSTER_IP, CONFIGS, ECHO_V1_IP, ECHO_V2_IP,
-                              PROXY_UID, ROUTER_FILES, ROUTER_IP, WEB, WEB_V1_IP, WEB_V2_IP, exec_as,
+                              PROXY_UID, ROUTER_IP, WEB, WEB_V1_IP, WEB_V2_IP, exec_as,
                               ns_requests, render, uid_dir, wait_acked)
 from lib.capture import apply_in_netns, istio_outbound_redirect_rules
 from lib.netns import NetNS
 
 assert uid_dir  # a fixture, used by name below
+
+# The Envoy suite's router files, except those using features the native proxy does not
+# implement yet (mirroring, CORS): it NACKs them, which the NACK test below covers.
+ROUTER_FILES = ["gateway", "web", "api", "vs-split", "vs-match", "vs-rewrite", "vs-redirect",
+                "vs-fault", "vs-timeout", "vs-retry", "vs-edit", "tcp-echo"]
 
 MIRROR_VS = """\
 # Mirroring is not implemented by the native proxy yet: its route configuration must be NACKed.
@@ -409,3 +414,107 @@ def test_sidecar_in_netns_with_capture(require_root, mizzen_bin, uid_dir):
         for b in backends:
             b.stop()
         ns.delete()
+
+
+# --------------------------------------------------------------------------------------------
+# Life cycle: the pilot going away and coming back; SIGTERM with a request in flight.
+# --------------------------------------------------------------------------------------------
+SMALL_FILES = ["gateway", "web", "vs-split", "vs-edit"]
+
+
+class SmallMesh:
+    """web v1/v2 behind the gateway, a pilot and one native router; torn down by close()."""
+
+    def __init__(self, mizzen_bin, workdir, xds_mode: str = "delta"):
+        web_port = port_free_on_all([WEB_V1_IP, WEB_V2_IP])
+        self.backends = {"web-v1": Backend("web-v1", "v1", WEB_V1_IP, web_port),
+                         "web-v2": Backend("web-v2", "v2", WEB_V2_IP, web_port)}
+        self.pilot = self.proxy = self.gw = None
+        for b in self.backends.values():
+            b.start()
+        self.gateway_port = free_port("0.0.0.0")
+        self.values = {"GATEWAY_PORT": self.gateway_port, "TCP_GATEWAY_PORT": free_port("0.0.0.0"),
+                       "WEB_PORT": web_port, "WEB_V1_IP": WEB_V1_IP, "WEB_V2_IP": WEB_V2_IP,
+                       "EDIT_SUBSET": "v1"}
+        files = {f"{n}.yaml": render(CONFIGS / "router" / f"{n}.yaml.tmpl", self.values) for n in SMALL_FILES}
+        self.pilot = Pilot(mizzen_bin, workdir, files, name="pilot-small").start()
+        self.proxy = NativeProxy(mizzen_bin, "router", self.pilot.xds_address, pod_name="ingress-gw-1",
+                                 namespace="istio-system", ip="127.0.0.101", labels={"istio": "ingressgateway"},
+                                 workdir=workdir, extra_args=["--xds-mode", xds_mode,
+                                                              "--drain-duration", "5s"]).start()
+        self.gw = Gateway(self.gateway_port)
+        wait_until(lambda: self.gw.backend("edit.example.com", "/") == "web-v1", 15,
+                   what="edit.example.com routed to web-v1", proc=self.proxy.proc)
+
+    def close(self):
+        if self.gw is not None:
+            self.gw.close()
+        for p in (self.proxy, self.pilot):
+            if p is not None:
+                p.stop()
+        for b in self.backends.values():
+            b.stop()
+
+
+@pytest.mark.parametrize("xds_mode", ["delta", "sotw"])
+def test_pilot_restart_loses_no_request_and_resyncs(mizzen_bin, tmp_path, xds_mode):
+    m = SmallMesh(mizzen_bin, tmp_path, xds_mode)
+    try:
+        load = constant_load(m.gateway_port, "edit.example.com", "/load", rps=100, duration=4.0, workers=8,
+                             during=m.pilot.stop, during_at=1.0)
+        assert len(load.results) == 400
+        failures = load.failures()
+        assert not failures, f"{len(failures)} failed requests with the pilot gone: {summarize(failures)}"
+        assert {r.backend for r in load.results} == {"web-v1"}
+        assert m.proxy.stats()["mizzen.xds.connected"] == 0
+
+        # Changed while the pilot was away; the restarted pilot must bring the proxy up to date.
+        m.pilot.write("vs-edit.yaml", render(CONFIGS / "router" / "vs-edit.yaml.tmpl",
+                                             {**m.values, "EDIT_SUBSET": "v2"}))
+        m.pilot.start()
+        wait_until(lambda: m.gw.backend("edit.example.com", "/") == "web-v2", 20,
+                   what="edit.example.com -> web-v2 after the pilot restart", proc=m.proxy.proc)
+        wait_acked(m.pilot, m.proxy.node_id)
+        assert m.proxy.stats()["mizzen.xds.connected"] == 1
+        assert m.proxy.rejected() == {}
+    finally:
+        m.close()
+
+
+def test_sigterm_finishes_the_request_in_flight(mizzen_bin, tmp_path):
+    import signal
+    import threading
+
+    m = SmallMesh(mizzen_bin, tmp_path)
+    try:
+        result = {}
+
+        def slow():
+            t = time.monotonic()
+            try:
+                r = Gateway(m.gateway_port).get("edit.example.com", "/delay/1.5")
+                result["status"], result["body"] = r.status_code, r.text
+            except Exception as e:  # noqa: BLE001 - reported by the assertion below
+                result["error"] = repr(e)
+            result["took"] = time.monotonic() - t
+
+        th = threading.Thread(target=slow)
+        th.start()
+        time.sleep(0.4)
+        m.proxy.proc.popen.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        # Draining: the listener is closed, no new connection is accepted.
+        import socket
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", m.gateway_port), timeout=1).close()
+        th.join(10)
+        assert result.get("status") == 200, result
+        assert echo_path(result["body"]) == "/delay/1.5"
+        assert m.proxy.proc.popen.wait(timeout=6) == 0, m.proxy.proc.log_tail()
+    finally:
+        m.close()
+
+
+def echo_path(body: str) -> str:
+    import json
+    return json.loads(body)["path"]

@@ -86,6 +86,7 @@ pub struct ConnCtx {
 
 /// Serve one downstream connection (HTTP/1.1 or h2c) until it closes or we shut down.
 pub async fn serve(stream: TcpStream, ctx: ConnCtx) {
+    let _open = ctx.shared.http_connection();
     let mut shutdown = ctx.shared.shutdown_signal();
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();

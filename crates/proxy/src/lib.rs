@@ -65,6 +65,8 @@ pub struct Shared {
     ready: AtomicBool,
     xds_connected: AtomicBool,
     xds_responses: AtomicU64,
+    /// Open downstream HTTP connections: drain waits for them to finish their last response.
+    http_connections: AtomicU64,
     pub rejected: metrics::Rejected,
     generation: watch::Sender<u64>,
     pub metrics: metrics::Metrics,
@@ -80,6 +82,7 @@ impl Shared {
             ready: AtomicBool::new(false),
             xds_connected: AtomicBool::new(false),
             xds_responses: AtomicU64::new(0),
+            http_connections: AtomicU64::new(0),
             rejected: metrics::Rejected::default(),
             generation: watch::channel(0).0,
             metrics: metrics::Metrics::new(),
@@ -125,6 +128,16 @@ impl Shared {
         self.xds_responses.load(Ordering::Relaxed)
     }
 
+    /// Counts one open downstream HTTP connection until the guard drops.
+    pub fn http_connection(self: &Arc<Self>) -> ConnectionGuard {
+        self.http_connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(self.clone())
+    }
+
+    pub fn open_http_connections(&self) -> u64 {
+        self.http_connections.load(Ordering::Relaxed)
+    }
+
     pub fn count_rejected(&self, type_url: &str) {
         self.rejected.count(type_url);
     }
@@ -139,6 +152,14 @@ impl Shared {
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
+    }
+}
+
+pub struct ConnectionGuard(Arc<Shared>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.http_connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
