@@ -22,38 +22,61 @@ from lib.procs import Proc, free_port, wait_until
 from lib.traffic import Gateway, constant_load, echo, summarize
 # The router scenario's constants and helpers, shared with the Envoy run on purpose.
 from test_pilot_envoy import (API, API_V1_IP, API_V2_IP, CLUSTER_IP, CONFIGS, ECHO_V1_IP, ECHO_V2_IP,
-                              PROXY_UID, ROUTER_IP, WEB, WEB_V1_IP, WEB_V2_IP, exec_as,
+                              PROXY_UID, ROUTER_FILES, ROUTER_IP, WEB, WEB_V1_IP, WEB_V2_IP, exec_as,
                               ns_requests, render, uid_dir, wait_acked)
 from lib.capture import apply_in_netns, istio_outbound_redirect_rules
 from lib.netns import NetNS
 
 assert uid_dir  # a fixture, used by name below
 
-# The Envoy suite's router files, except those using features the native proxy does not
-# implement yet (mirroring, CORS): it NACKs them, which the NACK test below covers.
-ROUTER_FILES = ["gateway", "web", "api", "vs-split", "vs-match", "vs-rewrite", "vs-redirect",
-                "vs-fault", "vs-timeout", "vs-retry", "vs-edit", "tcp-echo"]
-
-MIRROR_VS = """\
-# Mirroring is not implemented by the native proxy yet: its route configuration must be NACKed.
+HASHED = """\
+# Consistent-hash load balancing (RING_HASH) is not implemented by the native proxy yet: the
+# cluster must be NACKed while everything else keeps working.
 apiVersion: networking.istio.io/v1
-kind: VirtualService
+kind: ServiceEntry
 metadata:
-  name: mirror
+  name: hashed
   namespace: default
 spec:
   hosts:
-  - mirror.example.com
+  - hashed.internal.example
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  endpoints:
+  - address: {{WEB_V1_IP}}
+    ports:
+      http: {{WEB_PORT}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: hashed
+  namespace: default
+spec:
+  host: hashed.internal.example
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpHeaderName: x-user
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: hashed
+  namespace: default
+spec:
+  hosts:
+  - hashed.example.com
   gateways:
   - public-gw
   http:
   - route:
     - destination:
-        host: web
-        subset: v1
-    mirror:
-      host: web
-      subset: v2
+        host: hashed.internal.example
 """
 
 
@@ -318,36 +341,67 @@ def test_config_edit_under_load_switches_within_2s(mesh: NativeMesh):
             pass
 
 
-def test_unsupported_feature_is_nacked_and_previous_routes_keep_serving(mesh: NativeMesh):
+def test_unsupported_feature_is_nacked_and_previous_config_keeps_serving(mesh: NativeMesh):
     node = mesh.proxy.node_id
-    route_name = f"http.{mesh.gateway_port}"
+    cluster = "outbound|80||hashed.internal.example"
     wait_acked(mesh.pilot, node)
-    mesh.pilot.write("vs-mirror.yaml", MIRROR_VS)
+    rejected_before = mesh.proxy.stats()["cluster_manager.cds.update_rejected"]
+    text = HASHED
+    for k, v in mesh.values.items():
+        text = text.replace("{{" + k + "}}", str(v))
+    mesh.pilot.write("hashed.yaml", text)
     try:
         def nacked():
             p = mesh.pilot.syncz_for(node)
-            nack = ((p or {}).get("resources") or {}).get(RDS, {}).get("nack")
-            return nack if nack and "request_mirror_policies" in (nack.get("message") or "") else None
+            nack = ((p or {}).get("resources") or {}).get(CDS, {}).get("nack")
+            return nack if nack and cluster in (nack.get("message") or "") else None
         try:
-            nack = wait_until(nacked, 10, interval=0.2, what="RDS NACK naming request_mirror_policies")
+            nack = wait_until(nacked, 10, interval=0.2, what=f"CDS NACK naming {cluster}")
         except AssertionError as e:
             raise AssertionError(f"{e}\n/debug/syncz: {dump_json(mesh.pilot.syncz())}") from None
         msg = nack["message"]
-        assert f"route configuration {route_name}" in msg, msg
-        assert "mirror.example.com" in msg, msg
-        assert "not supported" in msg, msg
-        assert mesh.proxy.stats()["mizzen.rds.update_rejected"] >= 1
+        assert f"cluster {cluster}: lb_policy: RING_HASH is not supported yet" in msg, msg
+        assert mesh.proxy.stats()["cluster_manager.cds.update_rejected"] > rejected_before
+        assert cluster not in mesh.proxy.dynamic_names()["clusters"]
 
-        # The previous http.PORT stays in force: old hosts route, the new one does not exist.
+        # Everything else keeps working; the route to the rejected cluster answers 503 (NC),
+        # as Envoy does for a cluster it does not have.
         counts = Counter(mesh.gw.get("split.example.com", "/").headers.get("x-backend") for _ in range(50))
         assert set(counts) <= {"web-v1", "web-v2"} and sum(counts.values()) == 50, counts
         assert mesh.gw.backend("match.example.com", "/items/1") == "api-v2"
-        assert mesh.gw.get("mirror.example.com", "/").status_code == 404
+        wait_until(lambda: mesh.gw.get("hashed.example.com", "/").status_code == 503, 10,
+                   what="hashed.example.com -> 503 (cluster rejected)")
     finally:
-        mesh.pilot.delete("vs-mirror.yaml")
+        mesh.pilot.delete("hashed.yaml")
     # Once the pilot stops sending it, the next version is ACKed again.
     wait_acked(mesh.pilot, node, types=(CDS, LDS, RDS, EDS))
     assert mesh.gw.backend("split.example.com", "/") in ("web-v1", "web-v2")
+
+
+def test_mirror_sends_a_copy_to_v2(mesh: NativeMesh):
+    tag = uuid.uuid4().hex
+    for i in range(5):
+        r = mesh.gw.get("mirror.example.com", f"/m/{tag}/{i}")
+        assert r.status_code == 200 and r.headers["x-backend"] == "web-v1", "v1 answers"
+    wait_until(lambda: all(mesh.b["web-v2"].count(f"/m/{tag}/{i}") == 1 for i in range(5)), 5,
+               what="every request mirrored to web-v2 exactly once")
+    assert all(mesh.b["web-v1"].count(f"/m/{tag}/{i}") == 1 for i in range(5))
+
+
+def test_cors_preflight_and_simple_request(mesh: NativeMesh):
+    pre = mesh.gw.session.options(f"http://127.0.0.1:{mesh.gateway_port}/c", timeout=10, headers={
+        "Host": "mirror.example.com", "Origin": "https://app.example.com",
+        "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-custom"})
+    assert pre.status_code == 200, pre.text
+    assert pre.headers.get("access-control-allow-origin") == "https://app.example.com"
+    assert "POST" in pre.headers.get("access-control-allow-methods", "")
+    assert pre.headers.get("access-control-allow-credentials") == "true"
+    assert pre.headers.get("access-control-max-age") == "86400"
+    r = mesh.gw.get("mirror.example.com", "/c", headers={"Origin": "https://dev.example.org"})
+    assert r.headers.get("access-control-allow-origin") == "https://dev.example.org"
+    assert r.headers.get("access-control-expose-headers") == "x-backend"
+    r = mesh.gw.get("mirror.example.com", "/c", headers={"Origin": "https://evil.example.net"})
+    assert "access-control-allow-origin" not in r.headers
 
 
 # --------------------------------------------------------------------------------------------

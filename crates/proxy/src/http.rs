@@ -233,7 +233,46 @@ async fn route_request(
         }
     }
 
-    match &route.action {
+    // CORS (Envoy's cors filter, after fault): preflights from allowed origins are answered
+    // here; other requests get the policy's headers on their response.
+    let mut cors_headers = None;
+    if let Some(c) = &route.cors {
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if let Some(origin) = origin {
+            let allowed = c.allow_origins.iter().any(|m| string_matches(m, &origin));
+            let preflight = req.method() == http::Method::OPTIONS
+                && req
+                    .headers()
+                    .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+            if preflight && (allowed || !c.forward_not_matching_preflights) {
+                let mut resp = full_response(StatusCode::OK, Bytes::new());
+                if allowed {
+                    cors_preflight_headers(resp.headers_mut(), c, &origin);
+                }
+                return resp;
+            }
+            if allowed {
+                let mut h = HeaderMap::new();
+                insert_str(&mut h, header::ACCESS_CONTROL_ALLOW_ORIGIN, &origin);
+                if c.allow_credentials {
+                    insert_str(&mut h, header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true");
+                }
+                if !c.expose_headers.is_empty() {
+                    insert_str(
+                        &mut h,
+                        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                        &c.expose_headers,
+                    );
+                }
+                cors_headers = Some(h);
+            }
+        }
+    }
+    let mut resp = match &route.action {
         Action::Direct { status, body } => {
             let mut resp = full_response(
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::OK),
@@ -248,6 +287,85 @@ async fn route_request(
             resp
         }
         Action::Route(a) => forward(ctx, &snap, route, a, req, authority, out).await,
+    };
+    if let Some(h) = cors_headers {
+        resp.headers_mut().extend(h);
+    }
+    resp
+}
+
+fn insert_str(h: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}
+
+fn cors_preflight_headers(h: &mut HeaderMap, c: &crate::config::Cors, origin: &str) {
+    insert_str(h, header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    for (name, v) in [
+        (header::ACCESS_CONTROL_ALLOW_METHODS, &c.allow_methods),
+        (header::ACCESS_CONTROL_ALLOW_HEADERS, &c.allow_headers),
+        (header::ACCESS_CONTROL_MAX_AGE, &c.max_age),
+    ] {
+        if !v.is_empty() {
+            insert_str(h, name, v);
+        }
+    }
+    if c.allow_credentials {
+        insert_str(h, header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true");
+    }
+}
+
+/// Fire-and-forget copies for the route's mirror policies: same request, `Host` suffixed
+/// with `-shadow` (as Envoy does), response discarded, never delaying the real request.
+// The request pieces are passed separately because the real request still owns them.
+#[allow(clippy::too_many_arguments)]
+fn mirror(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    a: &RouteAction,
+    method: &http::Method,
+    path: &str,
+    host: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) {
+    for m in &a.mirrors {
+        if !hit(m.fraction) {
+            continue;
+        }
+        let Some(cluster) = snap.clusters.get(&m.cluster).cloned() else {
+            continue;
+        };
+        let shadow = match host.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => format!("{h}-shadow:{p}"),
+            _ => format!("{host}-shadow"),
+        };
+        let mut h = headers.clone();
+        insert_str(&mut h, header::HOST, &shadow);
+        let (ctx, method, path, body) =
+            (ctx.clone(), method.clone(), path.to_string(), body.clone());
+        tokio::spawn(async move {
+            let Some(picked) = cluster.pick(ctx.original_dst) else {
+                return;
+            };
+            let r = attempt_once(
+                &ctx,
+                &cluster,
+                &picked.host.authority(),
+                &path,
+                &method,
+                h,
+                body,
+                None,
+                None,
+            )
+            .await;
+            if let AttemptResult::Response(resp) = r {
+                // Read the body so the pooled connection can be reused.
+                let _ = resp.into_body().collect().await;
+            }
+        });
     }
 }
 
@@ -597,6 +715,7 @@ async fn forward(
     if let Ok(v) = HeaderValue::from_str(&host) {
         headers.insert(header::HOST, v);
     }
+    mirror(ctx, snap, a, &parts.method, &path, &host, &headers, &body);
 
     let deadline = a.timeout.map(|t| Instant::now() + t);
     let retry = a.retry.as_ref();
@@ -852,6 +971,7 @@ mod tests {
                 body: Bytes::new(),
             },
             fault: None,
+            cors: None,
             headers: HeaderOps::default(),
         }
     }

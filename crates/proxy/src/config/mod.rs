@@ -123,7 +123,28 @@ pub struct Route {
     pub matcher: RouteMatch,
     pub action: Action,
     pub fault: Option<Fault>,
+    pub cors: Option<Cors>,
     pub headers: HeaderOps,
+}
+
+/// A route's CORS policy (Envoy's cors filter, configured per route).
+#[derive(Clone, Debug)]
+pub struct Cors {
+    pub allow_origins: Vec<StringMatch>,
+    pub allow_methods: String,
+    pub allow_headers: String,
+    pub expose_headers: String,
+    pub max_age: String,
+    pub allow_credentials: bool,
+    /// Preflights from origins the policy does not allow still go upstream.
+    pub forward_not_matching_preflights: bool,
+}
+
+/// Copy requests to another cluster, fire and forget.
+#[derive(Clone, Debug)]
+pub struct Mirror {
+    pub cluster: String,
+    pub fraction: Fraction,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -195,6 +216,7 @@ pub struct RouteAction {
     pub regex_rewrite: Option<(FullRegex, String)>,
     pub host_rewrite: Option<String>,
     pub retry: Option<RetryPolicy>,
+    pub mirrors: Vec<Mirror>,
 }
 
 #[derive(Clone, Debug)]

@@ -13,6 +13,7 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as ev3;
 use envoy_types::pb::envoy::config::listener::v3 as lv3;
 use envoy_types::pb::envoy::config::route::v3 as rv3;
+use envoy_types::pb::envoy::extensions::filters::http::cors::v3 as corsv3;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as faultv3;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcpv3;
@@ -358,6 +359,7 @@ fn virtual_host(vh: &rv3::VirtualHost) -> FResult<VirtualHost> {
 fn route(r: &rv3::Route) -> FResult<Route> {
     let matcher = route_match(r.r#match.as_ref()).map_err(|e| within("match", e))?;
     let mut fault = None;
+    let mut cors = None;
     for (name, any) in &r.typed_per_filter_config {
         match name.as_str() {
             FAULT_FILTER => {
@@ -365,10 +367,17 @@ fn route(r: &rv3::Route) -> FResult<Route> {
                 fault =
                     Some(http_fault(&f).map_err(|e| within("typed_per_filter_config.fault", e))?);
             }
-            other => return bad(
-                format!("typed_per_filter_config.{other}"),
-                "per-route config for this filter is not supported (CORS is not implemented yet)",
-            ),
+            CORS_FILTER => {
+                let c: corsv3::CorsPolicy = unpack("typed_per_filter_config.cors", any)?;
+                cors =
+                    Some(cors_policy(&c).map_err(|e| within("typed_per_filter_config.cors", e))?);
+            }
+            other => {
+                return bad(
+                    format!("typed_per_filter_config.{other}"),
+                    "per-route config for this filter is not supported",
+                )
+            }
         }
     }
     let action = match &r.action {
@@ -399,6 +408,7 @@ fn route(r: &rv3::Route) -> FResult<Route> {
         matcher,
         action,
         fault,
+        cors,
         headers: header_ops(
             &r.request_headers_to_add,
             &r.request_headers_to_remove,
@@ -546,11 +556,20 @@ fn route_match(m: Option<&rv3::RouteMatch>) -> FResult<RouteMatch> {
 
 fn route_action(a: &rv3::RouteAction) -> FResult<RouteAction> {
     use rv3::route_action::{ClusterSpecifier, HostRewriteSpecifier};
-    if !a.request_mirror_policies.is_empty() {
-        return bad(
-            "request_mirror_policies",
-            "request mirroring is not supported yet",
-        );
+    let mut mirrors = Vec::new();
+    for (i, m) in a.request_mirror_policies.iter().enumerate() {
+        let field = format!("request_mirror_policies[{i}]");
+        if m.cluster.is_empty() {
+            return bad(field, "only a named cluster can be mirrored to");
+        }
+        let frac = m
+            .runtime_fraction
+            .as_ref()
+            .and_then(|f| f.default_value.as_ref());
+        mirrors.push(Mirror {
+            cluster: m.cluster.clone(),
+            fraction: fraction(&field, frac)?,
+        });
     }
     // `hash_policy` only feeds RING_HASH / MAGLEV clusters, which are rejected at CDS; with
     // any other balancer Envoy ignores it too, so accepting it changes nothing.
@@ -626,6 +645,44 @@ fn route_action(a: &rv3::RouteAction) -> FResult<RouteAction> {
         regex_rewrite,
         host_rewrite,
         retry,
+        mirrors,
+    })
+}
+
+fn cors_policy(c: &corsv3::CorsPolicy) -> FResult<Cors> {
+    if c.shadow_enabled.is_some() || c.allow_private_network_access.is_some() {
+        return bad(
+            "shadow_enabled",
+            "shadow CORS and private network access are not supported",
+        );
+    }
+    if let Some(f) = c
+        .filter_enabled
+        .as_ref()
+        .and_then(|f| f.default_value.as_ref())
+    {
+        let fr = fraction("filter_enabled", Some(f))?;
+        if fr.numerator != fr.denominator {
+            return bad("filter_enabled", "partially enabled CORS is not supported");
+        }
+    }
+    let allow_origins = c
+        .allow_origin_string_match
+        .iter()
+        .enumerate()
+        .map(|(i, m)| string_match(&format!("allow_origin_string_match[{i}]"), m))
+        .collect::<FResult<Vec<_>>>()?;
+    Ok(Cors {
+        allow_origins,
+        allow_methods: c.allow_methods.clone(),
+        allow_headers: c.allow_headers.clone(),
+        expose_headers: c.expose_headers.clone(),
+        max_age: c.max_age.clone(),
+        allow_credentials: c.allow_credentials.as_ref().is_some_and(|b| b.value),
+        forward_not_matching_preflights: c
+            .forward_not_matching_preflights
+            .as_ref()
+            .is_none_or(|b| b.value),
     })
 }
 
@@ -1034,7 +1091,7 @@ mod tests {
     }
 
     #[test]
-    fn mirror_is_rejected_with_the_field() {
+    fn unsupported_field_is_rejected_with_its_path() {
         let rc = rv3::RouteConfiguration {
             name: "http.8080".into(),
             virtual_hosts: vec![rv3::VirtualHost {
@@ -1050,7 +1107,10 @@ mod tests {
                         cluster_specifier: Some(rv3::route_action::ClusterSpecifier::Cluster(
                             "c".into(),
                         )),
-                        request_mirror_policies: vec![Default::default()],
+                        retry_policy: Some(rv3::RetryPolicy {
+                            retry_priority: Some(Default::default()),
+                            ..Default::default()
+                        }),
                         ..Default::default()
                     })),
                     ..Default::default()
@@ -1064,7 +1124,7 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains("route configuration http.8080"), "{e}");
-        assert!(e.contains("request_mirror_policies"), "{e}");
+        assert!(e.contains("route.retry_policy.retry_priority"), "{e}");
     }
 
     #[test]
