@@ -12,6 +12,15 @@
 //! - [`admin`] + [`metrics`]: the admin port, `/healthz/ready` and `/stats/prometheus`.
 //!
 //! The request path reads config only through `ArcSwap::load`; nothing on it takes a lock.
+//!
+//! Not implemented yet (each is NACKed when the pilot sends it, or listed as accepted but not
+//! enforced): downstream/upstream TLS (gateway SIMPLE/MUTUAL, ISTIO_MUTUAL, SDS), SNI parsing
+//! for filter-chain selection, RING_HASH / MAGLEV, priorities and locality weighting,
+//! circuit-breaker thresholds and connection-pool limits (accepted, not enforced),
+//! WebSocket/Upgrade, streaming request bodies (buffered for retries), HTTP/2 upstream
+//! `:authority`, JWT claim matching, `httpsRedirect`, IP_TRANSPARENT (TPROXY), 127.0.0.6 as the
+//! inbound source, access-log lines in Envoy's format, source_* / destination_workload
+//! metric labels, TCP metrics, `/logging`.
 
 pub mod admin;
 pub mod cluster;
