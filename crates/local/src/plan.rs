@@ -30,8 +30,22 @@ pub const DOMAIN: &str = "cluster.local";
 /// the agent/health/stats ports excluded).
 pub fn capture_flags() -> Vec<String> {
     [
-        "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b",
-        "*", "-d", "15090,15021,15020",
+        "-p",
+        "15001",
+        "-z",
+        "15006",
+        "-u",
+        "1337",
+        "-m",
+        "REDIRECT",
+        "-i",
+        "*",
+        "-x",
+        "",
+        "-b",
+        "*",
+        "-d",
+        "15090,15021,15020",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -139,7 +153,11 @@ fn plan_err(m: impl Into<String>) -> crate::LocalError {
 /// namespace label `istio-injection=enabled` decides.
 pub fn wants_sidecar(ns_labels: &Labels, labels: &Labels, annotations: &Labels) -> bool {
     let key = "sidecar.istio.io/inject";
-    match labels.get(key).or_else(|| annotations.get(key)).map(String::as_str) {
+    match labels
+        .get(key)
+        .or_else(|| annotations.get(key))
+        .map(String::as_str)
+    {
         Some("true") => true,
         Some("false") => false,
         _ => ns_labels.get("istio-injection").map(String::as_str) == Some("enabled"),
@@ -180,7 +198,11 @@ pub fn plan(m: &Manifest, bins: &Bins, can_run: &dyn Fn(&str) -> bool) -> crate:
             let host = u8::try_from(usize::from(FIRST_POD_HOST) + index)
                 .ok()
                 .filter(|h| *h < 255)
-                .ok_or_else(|| plan_err("more than 244 pods: the local mesh uses one /24 of 10.244.0.0/16 for pods"))?;
+                .ok_or_else(|| {
+                    plan_err(
+                        "more than 244 pods: the local mesh uses one /24 of 10.244.0.0/16 for pods",
+                    )
+                })?;
             let name = pod_name(w, r);
             if !names.insert((w.namespace.clone(), name.clone())) {
                 return Err(plan_err(format!("two pods named {}/{}", w.namespace, name)));
@@ -253,7 +275,11 @@ fn app_container(
         if !env.iter().any(|(k, _)| k == "SERVICE_VERSION") {
             env.push(("SERVICE_VERSION".into(), version.clone()));
         }
-        let app = w.labels.get("app").cloned().unwrap_or_else(|| w.name.clone());
+        let app = w
+            .labels
+            .get("app")
+            .cloned()
+            .unwrap_or_else(|| w.name.clone());
         let mut argv = vec![
             bins.mizzen.display().to_string(),
             "sample-app".into(),
@@ -263,7 +289,11 @@ fn app_container(
             version,
         ];
         // An image without declared ports still answers somewhere, like the seed's tomcat.
-        let listen = if ports.is_empty() { vec![8080] } else { ports.clone() };
+        let listen = if ports.is_empty() {
+            vec![8080]
+        } else {
+            ports.clone()
+        };
         for p in &listen {
             argv.push("--port".into());
             argv.push(p.to_string());
@@ -286,10 +316,19 @@ fn router_container(w: &Workload, pod: &str, ip: Ipv4Addr, bins: &Bins) -> Conta
         "proxy".into(),
         "router".into(),
     ];
-    argv.extend(proxy_identity_args(bins, pod, &w.namespace, ip, &w.service_account, &w.labels));
+    argv.extend(proxy_identity_args(
+        bins,
+        pod,
+        &w.namespace,
+        ip,
+        &w.service_account,
+        &w.labels,
+    ));
     let c = w.containers.first();
     ContainerPlan {
-        name: c.map(|c| c.name.clone()).unwrap_or_else(|| "istio-proxy".into()),
+        name: c
+            .map(|c| c.name.clone())
+            .unwrap_or_else(|| "istio-proxy".into()),
         image: c.map(|c| c.image.clone()).unwrap_or_default(),
         runner: Runner::Router,
         argv,
@@ -344,16 +383,26 @@ fn selects(selector: &Labels, labels: &Labels) -> bool {
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-fn plan_services(svcs: &[ServiceObj], pods: &[PodPlan], m: &Manifest) -> crate::Result<Vec<ServicePlan>> {
+fn plan_services(
+    svcs: &[ServiceObj],
+    pods: &[PodPlan],
+    m: &Manifest,
+) -> crate::Result<Vec<ServicePlan>> {
     // Given clusterIPs are kept; the rest are allocated from 10.96.0.10 upwards around them.
     let mut used: BTreeSet<Ipv4Addr> = BTreeSet::new();
     for s in svcs {
         if let Some(ip) = s.cluster_ip.as_deref().filter(|c| *c != "None") {
-            let ip: Ipv4Addr = ip
-                .parse()
-                .map_err(|_| plan_err(format!("Service {}/{}: spec.clusterIP {ip:?} is not an IPv4 address", s.namespace, s.name)))?;
+            let ip: Ipv4Addr = ip.parse().map_err(|_| {
+                plan_err(format!(
+                    "Service {}/{}: spec.clusterIP {ip:?} is not an IPv4 address",
+                    s.namespace, s.name
+                ))
+            })?;
             if !used.insert(ip) {
-                return Err(plan_err(format!("Service {}/{}: clusterIP {ip} is used twice", s.namespace, s.name)));
+                return Err(plan_err(format!(
+                    "Service {}/{}: clusterIP {ip} is used twice",
+                    s.namespace, s.name
+                )));
             }
         }
     }
@@ -386,7 +435,9 @@ fn plan_services(svcs: &[ServiceObj], pods: &[PodPlan], m: &Manifest) -> crate::
                 let target = match &sp.target {
                     None | Some(Value::Null) => Some(sp.port),
                     Some(Value::Number(n)) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
-                    Some(Value::String(name)) => named_port(m, p, name).or_else(|| name.parse().ok()),
+                    Some(Value::String(name)) => {
+                        named_port(m, p, name).or_else(|| name.parse().ok())
+                    }
                     Some(_) => None,
                 };
                 if let Some(t) = target {
@@ -479,14 +530,35 @@ pub fn service_rules(services: &[ServicePlan]) -> Vec<Vec<String>> {
                 continue;
             }
             for (i, (ip, target)) in p.endpoints.iter().enumerate() {
-                let mut r = svec(&["-d", &format!("{cip}/32"), "-p", &proto, "--dport", &p.port.to_string(),
-                    "-m", "comment", "--comment", &comment]);
+                let mut r = svec(&[
+                    "-d",
+                    &format!("{cip}/32"),
+                    "-p",
+                    &proto,
+                    "--dport",
+                    &p.port.to_string(),
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &comment,
+                ]);
                 let left = n - i;
                 if left > 1 {
-                    r.extend(svec(&["-m", "statistic", "--mode", "random", "--probability",
-                        &format!("{:.5}", 1.0 / left as f64)]));
+                    r.extend(svec(&[
+                        "-m",
+                        "statistic",
+                        "--mode",
+                        "random",
+                        "--probability",
+                        &format!("{:.5}", 1.0 / left as f64),
+                    ]));
                 }
-                r.extend(svec(&["-j", "DNAT", "--to-destination", &format!("{ip}:{target}")]));
+                r.extend(svec(&[
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    &format!("{ip}:{target}"),
+                ]));
                 rules.push(r);
             }
         }
@@ -504,20 +576,41 @@ pub fn pilot_objects(m: &Manifest, plan: &Plan) -> Vec<(String, Value)> {
     let mut out = Vec::new();
     for (i, v) in m.mesh_config.iter().enumerate() {
         let kind = v.get("kind").and_then(Value::as_str).unwrap_or("object");
-        let name = v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("unnamed");
-        out.push((format!("config-{i:03}-{}-{}.json", kind.to_lowercase(), sanitize(name)), v.clone()));
+        let name = v
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("unnamed");
+        out.push((
+            format!(
+                "config-{i:03}-{}-{}.json",
+                kind.to_lowercase(),
+                sanitize(name)
+            ),
+            v.clone(),
+        ));
     }
     for (s, sp) in m.services.iter().zip(&plan.services) {
         let mut v = s.value.clone();
-        let ip = sp.cluster_ip.map(|i| i.to_string()).unwrap_or_else(|| "None".into());
+        let ip = sp
+            .cluster_ip
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "None".into());
         if let Some(spec) = v.get_mut("spec").and_then(Value::as_object_mut) {
             spec.insert("clusterIP".into(), Value::String(ip.clone()));
             spec.insert("clusterIPs".into(), json!([ip]));
         }
         if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-            meta.entry("namespace").or_insert(Value::String(s.namespace.clone()));
+            meta.entry("namespace")
+                .or_insert(Value::String(s.namespace.clone()));
         }
-        out.push((format!("service-{}-{}.json", sanitize(&s.namespace), sanitize(&s.name)), v));
+        out.push((
+            format!(
+                "service-{}-{}.json",
+                sanitize(&s.namespace),
+                sanitize(&s.name)
+            ),
+            v,
+        ));
     }
     for p in &plan.pods {
         let containers: Vec<Value> = p
@@ -538,7 +631,11 @@ pub fn pilot_objects(m: &Manifest, plan: &Plan) -> Vec<(String, Value)> {
                             None => json!({"containerPort": port}),
                         })
                         .collect(),
-                    None => c.ports.iter().map(|port| json!({"containerPort": port})).collect(),
+                    None => c
+                        .ports
+                        .iter()
+                        .map(|port| json!({"containerPort": port}))
+                        .collect(),
                 };
                 json!({"name": c.name, "image": c.image, "ports": ports})
             })
@@ -555,14 +652,23 @@ pub fn pilot_objects(m: &Manifest, plan: &Plan) -> Vec<(String, Value)> {
             "spec": {"serviceAccountName": p.service_account, "containers": containers},
             "status": {"phase": "Running", "podIP": p.ip.to_string(), "podIPs": [{"ip": p.ip.to_string()}]},
         });
-        out.push((format!("pod-{}-{}.json", sanitize(&p.namespace), sanitize(&p.name)), v));
+        out.push((
+            format!("pod-{}-{}.json", sanitize(&p.namespace), sanitize(&p.name)),
+            v,
+        ));
     }
     out
 }
 
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -642,7 +748,12 @@ spec:
 "#;
 
     fn bins() -> Bins {
-        Bins { mizzen: "/s/bin/mizzen".into(), envoy: "/s/bin/envoy".into(), xds_port: 15010, monitoring_port: 15014 }
+        Bins {
+            mizzen: "/s/bin/mizzen".into(),
+            envoy: "/s/bin/envoy".into(),
+            xds_port: 15010,
+            monitoring_port: 15014,
+        }
     }
 
     fn setup() -> (Manifest, Plan) {
@@ -655,23 +766,55 @@ spec:
     #[test]
     fn pods_ips_injection_and_runners() {
         let (_, p) = setup();
-        let names: Vec<_> = p.pods.iter().map(|p| (p.name.as_str(), p.ip.to_string(), p.sidecar, p.gateway)).collect();
-        assert_eq!(names, vec![
-            ("hw-v1-0", "10.244.0.10".to_string(), true, false),
-            ("hw-v1-1", "10.244.0.11".to_string(), true, false),
-            ("tool-0", "10.244.0.12".to_string(), false, false),
-            ("istio-ingressgateway-0", "10.244.0.13".to_string(), false, true),
-        ]);
+        let names: Vec<_> = p
+            .pods
+            .iter()
+            .map(|p| (p.name.as_str(), p.ip.to_string(), p.sidecar, p.gateway))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("hw-v1-0", "10.244.0.10".to_string(), true, false),
+                ("hw-v1-1", "10.244.0.11".to_string(), true, false),
+                ("tool-0", "10.244.0.12".to_string(), false, false),
+                (
+                    "istio-ingressgateway-0",
+                    "10.244.0.13".to_string(),
+                    false,
+                    true
+                ),
+            ]
+        );
         let hw = &p.pods[0].containers[0];
         assert_eq!(hw.runner, Runner::SampleApp);
-        assert_eq!(hw.argv, vec!["/s/bin/mizzen", "sample-app", "--name", "hw", "--version", "v1", "--port", "8080"]);
-        assert!(hw.env.contains(&("INSTANCE_IP".into(), "10.244.0.10".into())));
+        assert_eq!(
+            hw.argv,
+            vec![
+                "/s/bin/mizzen",
+                "sample-app",
+                "--name",
+                "hw",
+                "--version",
+                "v1",
+                "--port",
+                "8080"
+            ]
+        );
+        assert!(hw
+            .env
+            .contains(&("INSTANCE_IP".into(), "10.244.0.10".into())));
         assert_eq!(p.pods[2].containers[0].argv, vec!["sleep", "infinity"]);
         let gw = &p.pods[3].containers[0];
         assert_eq!(gw.runner, Runner::Router);
         assert_eq!(&gw.argv[..3], &["/s/bin/mizzen", "proxy", "router"]);
-        assert!(gw.argv.windows(2).any(|w| w == ["--label", "istio=ingressgateway"]));
-        assert!(gw.argv.windows(2).any(|w| w == ["--discovery-address", "10.244.0.1:15010"]));
+        assert!(gw
+            .argv
+            .windows(2)
+            .any(|w| w == ["--label", "istio=ingressgateway"]));
+        assert!(gw
+            .argv
+            .windows(2)
+            .any(|w| w == ["--discovery-address", "10.244.0.1:15010"]));
         assert_eq!(p.pods[3].netns, "mz-istio-system-istio-ingressgateway-0");
     }
 
@@ -681,7 +824,13 @@ spec:
         let hw = &p.services[0];
         // 10.96.0.10 is taken by `fixed`, so the first allocated one is .11.
         assert_eq!(hw.cluster_ip, Some(Ipv4Addr::new(10, 96, 0, 11)));
-        assert_eq!(hw.ports[0].endpoints, vec![(Ipv4Addr::new(10, 244, 0, 10), 8080), (Ipv4Addr::new(10, 244, 0, 11), 8080)]);
+        assert_eq!(
+            hw.ports[0].endpoints,
+            vec![
+                (Ipv4Addr::new(10, 244, 0, 10), 8080),
+                (Ipv4Addr::new(10, 244, 0, 11), 8080)
+            ]
+        );
         assert_eq!(p.services[1].cluster_ip, Some(Ipv4Addr::new(10, 96, 0, 10)));
     }
 
@@ -689,17 +838,26 @@ spec:
     fn hosts_have_three_names_in_own_namespace() {
         let (_, p) = setup();
         let h = hosts_file(&p.pods[2], &p.services);
-        assert!(h.contains("10.96.0.11\thwsvc.hello.svc.cluster.local hwsvc.hello hwsvc\n"), "{h}");
+        assert!(
+            h.contains("10.96.0.11\thwsvc.hello.svc.cluster.local hwsvc.hello hwsvc\n"),
+            "{h}"
+        );
         assert!(h.contains("10.244.0.12\ttool-0\n"));
         let g = hosts_file(&p.pods[3], &p.services);
-        assert!(g.contains("10.96.0.11\thwsvc.hello.svc.cluster.local hwsvc.hello\n"), "{g}");
+        assert!(
+            g.contains("10.96.0.11\thwsvc.hello.svc.cluster.local hwsvc.hello\n"),
+            "{g}"
+        );
         assert!(!g.contains(" hwsvc\n"));
     }
 
     #[test]
     fn service_rules_balance_uniformly() {
         let (_, p) = setup();
-        let rules: Vec<String> = service_rules(&p.services).iter().map(|r| r.join(" ")).collect();
+        let rules: Vec<String> = service_rules(&p.services)
+            .iter()
+            .map(|r| r.join(" "))
+            .collect();
         assert_eq!(rules[0], "-d 10.96.0.11/32 -p tcp --dport 80 -m comment --comment hello/hwsvc:80 -m statistic --mode random --probability 0.50000 -j DNAT --to-destination 10.244.0.10:8080");
         assert_eq!(rules[1], "-d 10.96.0.11/32 -p tcp --dport 80 -m comment --comment hello/hwsvc:80 -j DNAT --to-destination 10.244.0.11:8080");
         assert_eq!(rules.len(), 2, "a service without endpoints gets no rule");
@@ -709,27 +867,53 @@ spec:
     fn pilot_gets_services_with_ips_and_pods_with_status() {
         let (m, p) = setup();
         let objs = pilot_objects(&m, &p);
-        let svc = objs.iter().find(|(n, _)| n == "service-hello-hwsvc.json").unwrap();
+        let svc = objs
+            .iter()
+            .find(|(n, _)| n == "service-hello-hwsvc.json")
+            .unwrap();
         assert_eq!(svc.1.pointer("/spec/clusterIP").unwrap(), "10.96.0.11");
-        let pod = objs.iter().find(|(n, _)| n == "pod-hello-hw-v1-1.json").unwrap();
+        let pod = objs
+            .iter()
+            .find(|(n, _)| n == "pod-hello-hw-v1-1.json")
+            .unwrap();
         assert_eq!(pod.1.pointer("/status/podIP").unwrap(), "10.244.0.11");
-        assert_eq!(pod.1.pointer("/spec/containers/0/ports/0/name").unwrap(), "http");
+        assert_eq!(
+            pod.1.pointer("/spec/containers/0/ports/0/name").unwrap(),
+            "http"
+        );
         assert_eq!(pod.1.pointer("/metadata/labels/version").unwrap(), "1");
         // Every object decodes with the pilot's own loader.
         for (name, v) in &objs {
             let text = serde_json::to_string(v).unwrap();
             let l = mizzen_config::load::load_str(Path::new(name), &text);
-            assert_eq!(l.errors().count(), 0, "{name}: {:?}", l.errors().map(|e| e.to_string()).collect::<Vec<_>>());
+            assert_eq!(
+                l.errors().count(),
+                0,
+                "{name}: {:?}",
+                l.errors().map(|e| e.to_string()).collect::<Vec<_>>()
+            );
         }
     }
 
     #[test]
     fn injection_rules() {
-        let l = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Labels>();
+        let l = |kv: &[(&str, &str)]| {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Labels>()
+        };
         let ns_on = l(&[("istio-injection", "enabled")]);
         assert!(wants_sidecar(&ns_on, &l(&[]), &l(&[])));
-        assert!(!wants_sidecar(&ns_on, &l(&[]), &l(&[("sidecar.istio.io/inject", "false")])));
-        assert!(wants_sidecar(&l(&[]), &l(&[]), &l(&[("sidecar.istio.io/inject", "true")])));
+        assert!(!wants_sidecar(
+            &ns_on,
+            &l(&[]),
+            &l(&[("sidecar.istio.io/inject", "false")])
+        ));
+        assert!(wants_sidecar(
+            &l(&[]),
+            &l(&[]),
+            &l(&[("sidecar.istio.io/inject", "true")])
+        ));
         assert!(!wants_sidecar(&l(&[]), &l(&[]), &l(&[])));
     }
 }

@@ -107,10 +107,12 @@ impl State {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(LocalError::io(format!("reading {}", p.display()), e)),
         };
-        serde_json::from_str(&text).map(Some).map_err(|source| LocalError::Json {
-            what: format!("decoding {}", p.display()),
-            source,
-        })
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|source| LocalError::Json {
+                what: format!("decoding {}", p.display()),
+                source,
+            })
     }
 
     /// Write atomically (temp file + rename): a crash never leaves half a state file.
@@ -139,6 +141,8 @@ pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
         source,
     })?;
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text).map_err(|e| LocalError::io(format!("writing {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| LocalError::io(format!("renaming to {}", path.display()), e))
+    std::fs::write(&tmp, text)
+        .map_err(|e| LocalError::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| LocalError::io(format!("renaming to {}", path.display()), e))
 }

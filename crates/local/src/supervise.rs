@@ -25,8 +25,10 @@ pub fn supervise(state_dir: &Path) -> Result<()> {
 
 async fn run(st: State) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| LocalError::io("SIGTERM handler", e))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| LocalError::io("SIGINT handler", e))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| LocalError::io("SIGTERM handler", e))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| LocalError::io("SIGINT handler", e))?;
     // SIGHUP would end us by default; a closing terminal must not take the mesh down.
     let mut hup = signal(SignalKind::hangup()).map_err(|e| LocalError::io("SIGHUP handler", e))?;
 
@@ -86,7 +88,10 @@ fn set_pid(dir: &Path, pids: &Arc<Mutex<Pids>>, name: &str, id: Option<ProcId>) 
 }
 
 fn open_log(path: &PathBuf) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new().create(true).append(true).open(path)
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
 }
 
 /// Sleep, or return true early when shutdown is requested.
@@ -112,7 +117,9 @@ async fn keep_running(
         for probe in &spec.after {
             loop {
                 let p = probe.clone();
-                let ok = tokio::task::spawn_blocking(move || p.check()).await.unwrap_or(false);
+                let ok = tokio::task::spawn_blocking(move || p.check())
+                    .await
+                    .unwrap_or(false);
                 if ok {
                     break;
                 }

@@ -12,7 +12,9 @@ use std::time::Duration;
 /// Run a command to completion; its stderr becomes the error.
 pub fn run(argv: &[&str]) -> Result<String> {
     let command = argv.join(" ");
-    let (prog, args) = argv.split_first().ok_or_else(|| LocalError::Sys("empty command".into()))?;
+    let (prog, args) = argv
+        .split_first()
+        .ok_or_else(|| LocalError::Sys("empty command".into()))?;
     let out = Command::new(prog)
         .args(args)
         .stdin(Stdio::null())
@@ -54,7 +56,8 @@ pub fn in_netns<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T> {
     let path = format!("/run/netns/{netns}");
-    let file = std::fs::File::open(&path).map_err(|e| LocalError::io(format!("opening {path}"), e))?;
+    let file =
+        std::fs::File::open(&path).map_err(|e| LocalError::io(format!("opening {path}"), e))?;
     let h = std::thread::spawn(move || -> std::result::Result<T, String> {
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|e| format!("setns: {e}"))?;
@@ -70,7 +73,11 @@ pub fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> Option<u1
     let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
     s.set_write_timeout(Some(timeout)).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = [0u8; 64];
     let mut got = Vec::new();
     // The status line is all we need.
@@ -142,7 +149,11 @@ fn is_zombie(pid: i32) -> bool {
 /// PIDs of processes in network namespace `netns` (`ip netns pids`).
 pub fn netns_pids(netns: &str) -> Vec<i32> {
     run(&["ip", "netns", "pids", netns])
-        .map(|out| out.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .map(|out| {
+            out.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -74,7 +74,14 @@ fn parse_publish(s: &str) -> Result<(u16, u16), String> {
 pub fn run(args: LocalArgs) -> anyhow::Result<u8> {
     let sd = args.state_dir;
     match args.command {
-        LocalCommand::Up { dir, recursive, envoy, timeout, publish, keep_on_failure } => {
+        LocalCommand::Up {
+            dir,
+            recursive,
+            envoy,
+            timeout,
+            publish,
+            keep_on_failure,
+        } => {
             let opts = UpOptions {
                 dir: dir.clone(),
                 recursive,
@@ -117,9 +124,18 @@ pub fn run(args: LocalArgs) -> anyhow::Result<u8> {
             } else {
                 print!("{}", mizzen_local::format_status(&s));
             }
-            Ok(if s.pilot.ready && s.pods.iter().all(|p| p.ready) { 0 } else { 3 })
+            Ok(if s.pilot.ready && s.pods.iter().all(|p| p.ready) {
+                0
+            } else {
+                3
+            })
         }
-        LocalCommand::Exec { pod, namespace, uid, cmd } => {
+        LocalCommand::Exec {
+            pod,
+            namespace,
+            uid,
+            cmd,
+        } => {
             let code = mizzen_local::exec(&sd, &pod, namespace.as_deref(), uid, &cmd)
                 .context("mizzen local exec")?;
             Ok(u8::try_from(code).unwrap_or(1))
