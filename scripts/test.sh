@@ -13,6 +13,9 @@ scripts/setup.sh
 PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 export PATH
 
+step "format (cargo fmt --check)"
+cargo fmt --all -- --check
+
 step "build"
 if [ -f Cargo.lock ]; then
   cargo build --release --workspace --locked
