@@ -87,8 +87,8 @@ pub struct UpOptions {
     /// Read subdirectories of `dir` too (`kubectl apply -R`).
     pub recursive: bool,
     pub state_dir: PathBuf,
-    /// `--envoy`: a path, or a name looked up on PATH.
-    pub envoy: String,
+    /// `--envoy`: a path, or a name looked up on PATH; `None` runs the native Mizzen proxy.
+    pub envoy: Option<String>,
     /// The mizzen binary to run for pilot, proxies, init and sample-app.
     pub mizzen: PathBuf,
     pub timeout: Duration,
@@ -134,7 +134,7 @@ pub fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<Status> {
             .map_err(|e| LocalError::io(format!("creating {}", p.display()), e))?;
     }
     set_mode(sd, 0o755)?;
-    let bins = install_bins(sd, &opts.mizzen, &opts.envoy)?;
+    let bins = install_bins(sd, &opts.mizzen, opts.envoy.as_deref())?;
     let plan = plan::plan(&manifest, &bins, &plan::command_exists)?;
     let mut st = State {
         source: manifest::describe(&opts.dir),
@@ -205,11 +205,14 @@ fn set_mode(p: &Path, mode: u32) -> Result<()> {
 
 /// Put the binaries where uid 1337 can run them: a hard link when possible (no copy of a
 /// 100 MB Envoy), else a copy. Either way world-executable.
-fn install_bins(sd: &Path, mizzen: &Path, envoy: &str) -> Result<Bins> {
-    let envoy_real = resolve_envoy(envoy)?;
+fn install_bins(sd: &Path, mizzen: &Path, envoy: Option<&str>) -> Result<Bins> {
+    let mut wanted = vec![(mizzen.to_path_buf(), "mizzen")];
+    if let Some(envoy) = envoy {
+        wanted.push((resolve_envoy(envoy)?, "envoy"));
+    }
     let bin = sd.join("bin");
     let mut out = Vec::new();
-    for (src, name) in [(mizzen.to_path_buf(), "mizzen"), (envoy_real, "envoy")] {
+    for (src, name) in wanted {
         let dst = bin.join(name);
         let _ = std::fs::remove_file(&dst);
         let world_exec = {
@@ -229,7 +232,7 @@ fn install_bins(sd: &Path, mizzen: &Path, envoy: &str) -> Result<Bins> {
     set_mode(&bin, 0o755)?;
     let mut it = out.into_iter();
     match (it.next(), it.next()) {
-        (Some(mizzen), Some(envoy)) => Ok(Bins {
+        (Some(mizzen), envoy) => Ok(Bins {
             mizzen,
             envoy,
             xds_port: pilot_port(PILOT_XDS_PORT)?,
@@ -717,7 +720,7 @@ pub struct ServiceStatus {
 fn compute_status(st: &State) -> Status {
     let bins = st.bins.clone().unwrap_or(Bins {
         mizzen: PathBuf::new(),
-        envoy: PathBuf::new(),
+        envoy: None,
         xds_port: PILOT_XDS_PORT,
         monitoring_port: PILOT_MONITORING_PORT,
     });

@@ -57,7 +57,8 @@ pub fn capture_flags() -> Vec<String> {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Bins {
     pub mizzen: PathBuf,
-    pub envoy: PathBuf,
+    /// The Envoy the agent runs; `None`: the native Mizzen proxy (`mizzen proxy` alone).
+    pub envoy: Option<PathBuf>,
     /// Istio's 15010 / 15014 unless something on this host holds them.
     pub xds_port: u16,
     pub monitoring_port: u16,
@@ -350,9 +351,11 @@ pub fn proxy_identity_args(
     sa: &str,
     labels: &Labels,
 ) -> Vec<String> {
-    let mut a = vec![
-        "--envoy".into(),
-        bins.envoy.display().to_string(),
+    let mut a = Vec::new();
+    if let Some(envoy) = &bins.envoy {
+        a.extend(["--envoy".to_string(), envoy.display().to_string()]);
+    }
+    a.extend([
         "--discovery-address".into(),
         format!("{BRIDGE_IP}:{}", bins.xds_port),
         "--pod-name".into(),
@@ -363,7 +366,7 @@ pub fn proxy_identity_args(
         ip.to_string(),
         "--service-account".into(),
         sa.to_string(),
-    ];
+    ]);
     for (k, v) in labels {
         a.push("--label".into());
         a.push(format!("{k}={v}"));
@@ -750,7 +753,7 @@ spec:
     fn bins() -> Bins {
         Bins {
             mizzen: "/s/bin/mizzen".into(),
-            envoy: "/s/bin/envoy".into(),
+            envoy: Some("/s/bin/envoy".into()),
             xds_port: 15010,
             monitoring_port: 15014,
         }

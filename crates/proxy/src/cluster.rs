@@ -258,6 +258,7 @@ mod tests {
             eds_name: None,
             inline_endpoints: Vec::new(),
             outlier: None,
+            source_address: None,
         }
     }
 

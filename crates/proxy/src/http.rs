@@ -47,20 +47,49 @@ const RETRY_MAX: Duration = Duration::from_millis(250);
 pub struct Clients {
     h1: Client<HttpConnector, Full<Bytes>>,
     h2: Client<HttpConnector, Full<Bytes>>,
+    /// Pools whose connections come from Istio's inbound source address (127.0.0.6).
+    inbound_h1: Client<HttpConnector, Full<Bytes>>,
+    inbound_h2: Client<HttpConnector, Full<Bytes>>,
 }
 
 impl Clients {
     pub fn new() -> Clients {
-        let mut c = HttpConnector::new();
-        c.set_nodelay(true);
-        c.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(c.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build(c);
-        Clients { h1, h2 }
+        let pools = |source: Option<std::net::IpAddr>| {
+            let mut c = HttpConnector::new();
+            c.set_nodelay(true);
+            c.set_connect_timeout(Some(CONNECT_TIMEOUT));
+            c.set_local_address(source);
+            let h1 = Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build(c.clone());
+            let h2 = Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(c);
+            (h1, h2)
+        };
+        let (h1, h2) = pools(None);
+        let (inbound_h1, inbound_h2) = pools(Some(crate::INBOUND_SOURCE));
+        Clients {
+            h1,
+            h2,
+            inbound_h1,
+            inbound_h2,
+        }
+    }
+
+    /// The pool for a cluster. Only Istio's inbound source address is supported as a bind
+    /// address: it is the one the pilot emits, and one pool per address keeps this simple.
+    fn pick(
+        &self,
+        http2: bool,
+        source: Option<std::net::IpAddr>,
+    ) -> &Client<HttpConnector, Full<Bytes>> {
+        match (http2, source.is_some()) {
+            (true, false) => &self.h2,
+            (false, false) => &self.h1,
+            (true, true) => &self.inbound_h2,
+            (false, true) => &self.inbound_h1,
+        }
     }
 }
 
@@ -832,13 +861,15 @@ async fn attempt_once(
     *req.method_mut() = method.clone();
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
-    let client = if cluster.config.http2 {
-        *req.version_mut() = Version::HTTP_2;
-        &ctx.shared.clients.h2
+    *req.version_mut() = if cluster.config.http2 {
+        Version::HTTP_2
     } else {
-        *req.version_mut() = Version::HTTP_11;
-        &ctx.shared.clients.h1
+        Version::HTTP_11
     };
+    let client = ctx
+        .shared
+        .clients
+        .pick(cluster.config.http2, cluster.config.source_address);
     let now = Instant::now();
     let global_left = deadline.map(|d| d.saturating_duration_since(now));
     let per_try = retry.and_then(|r| r.per_try_timeout);

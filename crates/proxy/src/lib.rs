@@ -42,6 +42,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::info;
 
+/// Istio's source address for inbound connections to the app: the capture rules let it
+/// through (`-s 127.0.0.6 -o lo -j RETURN`) instead of redirecting it back to 15006.
+pub const INBOUND_SOURCE: std::net::IpAddr =
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 6));
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("binding {what} on {addr}: {source} (is another proxy or Envoy already running?)")]

@@ -135,6 +135,9 @@ async fn connection(shared: Arc<Shared>, name: String, stream: TcpStream, peer: 
             Some(t) if t.name != own.name => (t.clone(), od, Some(od)),
             _ => (own, od, Some(od)),
         }
+    } else if own.original_dst_filter {
+        let od = original_dst(&stream).unwrap_or(local);
+        (own, od, Some(od))
     } else {
         (own, local, None)
     };

@@ -43,17 +43,18 @@ pub async fn proxy(
     };
     let addr = picked.host.authority();
     let timeout = cluster.config.connect_timeout;
-    let mut upstream = match tokio::time::timeout(timeout, TcpStream::connect(&addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            debug!(cluster = %name, %addr, error = %e, "tcp proxy: connect failed");
-            return;
-        }
-        Err(_) => {
-            debug!(cluster = %name, %addr, "tcp proxy: connect timed out");
-            return;
-        }
-    };
+    let mut upstream =
+        match tokio::time::timeout(timeout, connect(&addr, cluster.config.source_address)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                debug!(cluster = %name, %addr, error = %e, "tcp proxy: connect failed");
+                return;
+            }
+            Err(_) => {
+                debug!(cluster = %name, %addr, "tcp proxy: connect timed out");
+                return;
+            }
+        };
     let _ = upstream.set_nodelay(true);
     match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
         Ok((up, down)) => {
@@ -61,4 +62,21 @@ pub async fn proxy(
         }
         Err(e) => debug!(cluster = %name, %addr, error = %e, "tcp proxy: ended with error"),
     }
+}
+
+/// Connect, from `source` when the cluster sets one (Istio's inbound 127.0.0.6).
+async fn connect(addr: &str, source: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let target: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not ip:port"))?;
+    let socket = if target.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(std::net::SocketAddr::new(source, 0))?;
+    socket.connect(target).await
 }

@@ -27,6 +27,10 @@ enum LocalCommand {
         /// The Envoy binary the proxies run (a path, or a name looked up on PATH).
         #[arg(long, default_value = "envoy")]
         envoy: String,
+        /// Which data plane the sidecars and gateways run: Envoy under the agent, or the
+        /// native Mizzen proxy.
+        #[arg(long, default_value = "envoy", value_parser = ["envoy", "native"])]
+        proxy: String,
         /// Give up (and clean up) if the mesh is not ready after this many seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
@@ -78,6 +82,7 @@ pub fn run(args: LocalArgs) -> anyhow::Result<u8> {
             dir,
             recursive,
             envoy,
+            proxy,
             timeout,
             publish,
             keep_on_failure,
@@ -86,7 +91,7 @@ pub fn run(args: LocalArgs) -> anyhow::Result<u8> {
                 dir: dir.clone(),
                 recursive,
                 state_dir: sd.clone(),
-                envoy,
+                envoy: (proxy == "envoy").then_some(envoy),
                 mizzen: std::env::current_exe().context("locating the mizzen binary")?,
                 timeout: Duration::from_secs(timeout),
                 publish,

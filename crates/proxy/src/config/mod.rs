@@ -37,6 +37,9 @@ pub struct Listener {
     pub bind_to_port: bool,
     /// `virtualOutbound`: hand each connection to the listener of its original destination.
     pub use_original_dst: bool,
+    /// The `original_dst` listener filter (`virtualInbound`): filter chains match, and
+    /// ORIGINAL_DST clusters connect to, the destination before the REDIRECT, not 15006.
+    pub original_dst_filter: bool,
     pub filter_chains: Vec<FilterChain>,
     pub default_chain: Option<FilterChain>,
 }
@@ -302,6 +305,10 @@ pub struct Cluster {
     /// STATIC / STRICT_DNS endpoints from `load_assignment`.
     pub inline_endpoints: Vec<Endpoint>,
     pub outlier: Option<OutlierDetection>,
+    /// `upstream_bind_config.source_address`: Istio's inbound clusters connect to the app
+    /// from 127.0.0.6, which the capture rules exempt; from the pod IP, the connection would
+    /// be captured back into the inbound listener.
+    pub source_address: Option<std::net::IpAddr>,
 }
 
 /// Consecutive-error ejection (Istio's `outlierDetection`; success-rate ejection is off in

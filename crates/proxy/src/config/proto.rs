@@ -148,6 +148,10 @@ fn listener(l: &lv3::Listener) -> FResult<Listener> {
         address: SocketAddr::new(ip, port),
         bind_to_port: l.bind_to_port.as_ref().is_none_or(|b| b.value),
         use_original_dst: l.use_original_dst.as_ref().is_some_and(|b| b.value),
+        original_dst_filter: l
+            .listener_filters
+            .iter()
+            .any(|f| f.name == "envoy.filters.listener.original_dst"),
         filter_chains,
         default_chain,
     })
@@ -947,6 +951,32 @@ fn cluster(c: &cv3::Cluster) -> FResult<Cluster> {
             );
         }
     }
+    let source_address = match c
+        .upstream_bind_config
+        .as_ref()
+        .and_then(|b| b.source_address.as_ref())
+    {
+        None => None,
+        Some(sa) => match sa.address.parse::<std::net::IpAddr>() {
+            Ok(ip) if ip == crate::INBOUND_SOURCE => Some(ip),
+            Ok(_) => {
+                return bad(
+                    "upstream_bind_config.source_address.address",
+                    format!(
+                        "only Istio's inbound source {} is supported, not {:?}",
+                        crate::INBOUND_SOURCE,
+                        sa.address
+                    ),
+                )
+            }
+            Err(_) => {
+                return bad(
+                    "upstream_bind_config.source_address.address",
+                    format!("{:?} is not an IP address", sa.address),
+                )
+            }
+        },
+    };
     let inline_endpoints = match &c.load_assignment {
         Some(la) => endpoints(la)?.endpoints,
         None => Vec::new(),
@@ -968,6 +998,7 @@ fn cluster(c: &cv3::Cluster) -> FResult<Cluster> {
             .filter(|s| !s.is_empty()),
         inline_endpoints,
         outlier,
+        source_address,
     })
 }
 
