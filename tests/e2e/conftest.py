@@ -83,3 +83,11 @@ def pytest_runtest_makereport(item, call):
         for i, p in enumerate(procs.REGISTRY):
             if i >= start or p.alive():
                 rep.sections.append((f"log of {p.name} (pid {p.pid}, {p.log_path})", p.log_tail(120)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Safety net: a process whose start() failed never reached its test's teardown. Stop
+    every process the run started that is still alive (by its own PID/group, nothing else)."""
+    for p in procs.REGISTRY:
+        if p.alive():
+            p.stop(grace=2.0)

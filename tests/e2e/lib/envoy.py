@@ -85,8 +85,12 @@ class EnvoyProxy:
         else:
             cwd = self.workdir
         self.proc = Proc(self.name, self.argv(), self.workdir / f"{self.name}.log", env=env, cwd=cwd)
-        wait_until(lambda: self.http_get(self.status_port, "/healthz/ready")[0] == 200, ready_timeout,
-                   what=f"{self.name} GET :{self.status_port}/healthz/ready = 200", proc=self.proc)
+        try:
+            wait_until(lambda: self.http_get(self.status_port, "/healthz/ready")[0] == 200, ready_timeout,
+                       what=f"{self.name} GET :{self.status_port}/healthz/ready = 200", proc=self.proc)
+        except BaseException:
+            self.stop()  # the caller never gets this object to stop it
+            raise
         return self
 
     def stop(self) -> None:

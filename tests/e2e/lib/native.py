@@ -57,9 +57,13 @@ class NativeProxy:
         env.setdefault("RUST_BACKTRACE", "1")
         env.setdefault("RUST_LOG", "info")
         self.proc = Proc(self.name, self.argv(), self.workdir / f"{self.name}.log", env=env, cwd=self.workdir)
-        wait_until(lambda: self.get(self.status_port, "/healthz/ready").status_code == 200 or None,
-                   ready_timeout,
-                   what=f"{self.name} GET :{self.status_port}/healthz/ready = 200", proc=self.proc)
+        try:
+            wait_until(lambda: self.get(self.status_port, "/healthz/ready").status_code == 200 or None,
+                       ready_timeout,
+                       what=f"{self.name} GET :{self.status_port}/healthz/ready = 200", proc=self.proc)
+        except BaseException:
+            self.stop()  # the caller never gets this object to stop it
+            raise
         return self
 
     def stop(self) -> None:
