@@ -1,10 +1,9 @@
-"""The native Mizzen proxy, end to end: the router scenarios of test_pilot_envoy.py, through
-``mizzen proxy router`` without ``--envoy``.
+"""The native Mizzen proxy (``mizzen proxy router|sidecar`` without ``--envoy``), end to end, for
+what only it shows: the routing scenarios it shares with Envoy are in test_routing.py.
 
-Same pilot, same config files (``configs/router``), same backends and the same expected results
-as with Envoy: a difference is a bug in one of the two data planes. Plus what only the native
-proxy can show: a resource it cannot honour is NACKed with a precise reason (visible in the
-pilot's ``/debug/syncz``) while traffic keeps flowing on the previous config.
+A resource it cannot honour is NACKed with a precise reason (visible in the pilot's
+``/debug/syncz``) while traffic keeps flowing on the previous config; Istio's metrics on its
+stats port; a sidecar in a network namespace behind capture; pilot restart; SIGTERM drain.
 """
 
 from __future__ import annotations
@@ -18,12 +17,11 @@ import pytest
 from backend import Backend, port_free_on_all
 from lib.native import NativeProxy
 from lib.pilot import CDS, EDS, LDS, RDS, Pilot, dump_json
-from lib.procs import Proc, free_port, wait_until
-from lib.traffic import Gateway, constant_load, echo, summarize
-# The router scenario's constants and helpers, shared with the Envoy run on purpose.
-from test_pilot_envoy import (API, API_V1_IP, API_V2_IP, CLUSTER_IP, CONFIGS, ECHO_V1_IP, ECHO_V2_IP,
-                              PROXY_UID, ROUTER_FILES, ROUTER_IP, WEB, WEB_V1_IP, WEB_V2_IP, exec_as,
-                              ns_requests, render, uid_dir, wait_acked)
+from lib.procs import free_port, wait_until
+from lib.router import API, CONFIGS, WEB_V1_IP, WEB_V2_IP, RouterMesh, render, router_mesh, wait_acked
+from lib.traffic import Gateway, constant_load, summarize
+# The netns sidecar helpers, shared with the Envoy sidecar test on purpose.
+from test_pilot_envoy import CLUSTER_IP, PROXY_UID, exec_as, ns_requests, uid_dir
 from lib.capture import apply_in_netns, istio_outbound_redirect_rules
 from lib.netns import NetNS
 
@@ -80,197 +78,14 @@ spec:
 """
 
 
-class NativeMesh:
-    def __init__(self, pilot: Pilot, proxy: NativeProxy, gw: Gateway, gateway_port: int,
-                 backends: dict[str, Backend], values: dict):
-        self.pilot, self.proxy, self.gw, self.gateway_port = pilot, proxy, gw, gateway_port
-        self.b = backends
-        self.values = values
-
-    def render(self, name: str, **extra) -> str:
-        return render(CONFIGS / "router" / f"{name}.yaml.tmpl", {**self.values, **extra})
-
-
-@pytest.fixture(scope="module", params=["delta", "sotw"])
-def mesh(request, mizzen_bin, tmp_path_factory):
-    """The router mesh over incremental (delta) ADS and over state of the world."""
-    xds_mode = request.param
-    workdir = tmp_path_factory.mktemp(f"native-router-{xds_mode}")
-    web_port = port_free_on_all([WEB_V1_IP, WEB_V2_IP])
-    backends = {
-        "web-v1": Backend("web-v1", "v1", WEB_V1_IP, web_port),
-        "web-v2": Backend("web-v2", "v2", WEB_V2_IP, web_port),
-        "api-v1": Backend("api-v1", "v1", API_V1_IP, 0),
-        "api-v2": Backend("api-v2", "v2", API_V2_IP, 0),
-    }
-    pilot = proxy = gw = None
-    echo_procs = []
-    try:
-        for b in backends.values():
-            b.start()
-        gateway_port = free_port("0.0.0.0")
-        tcp_gateway_port = free_port("0.0.0.0")
-        echo_port = port_free_on_all([ECHO_V1_IP, ECHO_V2_IP])
-        for ip, version in ((ECHO_V1_IP, "v1"), (ECHO_V2_IP, "v2")):
-            echo_procs.append(Proc(f"tcp-echo-{version}", [mizzen_bin, "sample-app", "--listen-address", ip,
-                                                          "--tcp-echo-port", str(echo_port), "--version", version],
-                                   workdir / f"tcp-echo-{version}.log"))
-        values = {
-            "GATEWAY_PORT": gateway_port, "WEB_PORT": web_port,
-            "WEB_V1_IP": WEB_V1_IP, "WEB_V2_IP": WEB_V2_IP,
-            "API_V1_IP": API_V1_IP, "API_V1_PORT": backends["api-v1"].port,
-            "API_V2_IP": API_V2_IP, "API_V2_PORT": backends["api-v2"].port,
-            "EDIT_SUBSET": "v1",
-            "TCP_GATEWAY_PORT": tcp_gateway_port, "ECHO_PORT": echo_port,
-            "ECHO_V1_IP": ECHO_V1_IP, "ECHO_V2_IP": ECHO_V2_IP,
-        }
-        files = {f"{n}.yaml": render(CONFIGS / "router" / f"{n}.yaml.tmpl", values) for n in ROUTER_FILES}
-        pilot = Pilot(mizzen_bin, workdir, files, name="pilot-native").start()
-        proxy = NativeProxy(mizzen_bin, "router", pilot.xds_address, pod_name="ingress-gw-0",
-                            namespace="istio-system", ip=ROUTER_IP,
-                            labels={"istio": "ingressgateway", "app": "istio-ingressgateway"},
-                            workdir=workdir, extra_args=["--xds-mode", xds_mode]).start()
-        gw = Gateway(gateway_port)
-        wait_until(lambda: gw.get("split.example.com", "/", timeout=2).headers.get("x-backend")
-                   in ("web-v1", "web-v2"), 15, what=f"split.example.com routed via 127.0.0.1:{gateway_port}",
-                   proc=proxy.proc)
-        m = NativeMesh(pilot, proxy, gw, gateway_port, backends, values)
-        m.tcp_gateway_port = tcp_gateway_port
-        m.xds_mode = xds_mode
+@pytest.fixture(scope="module")
+def mesh(mizzen_bin, tmp_path_factory):
+    """The shared router mesh (lib/router.py) on the native proxy, for what only it shows."""
+    with router_mesh("native", "delta", mizzen_bin, None, tmp_path_factory.mktemp("native-router")) as m:
         yield m
-    finally:
-        if gw is not None:
-            gw.close()
-        if proxy is not None:
-            proxy.stop()
-        if pilot is not None:
-            pilot.stop()
-        for b in backends.values():
-            b.stop()
-        for p in echo_procs:
-            p.stop()
 
 
-def test_router_gets_all_config_with_zero_rejections(mesh: NativeMesh):
-    p = wait_acked(mesh.pilot, mesh.proxy.node_id)
-    assert p["type"] == "router"
-    assert p["delta"] is (mesh.xds_mode == "delta"), "the stream variant the proxy asked for"
-    assert mesh.proxy.rejected() == {}
-    names = mesh.proxy.dynamic_names()
-    port = mesh.gateway_port
-    assert f"0.0.0.0_{port}" in names["listeners"], names["listeners"]
-    assert f"http.{port}" in names["routes"], names["routes"]
-    for c in (f"outbound|80||{WEB}", f"outbound|80|v1|{WEB}", f"outbound|80|v2|{WEB}",
-              f"outbound|80||{API}", f"outbound|80|v1|{API}", f"outbound|80|v2|{API}"):
-        assert c in names["clusters"], f"{c} not in {sorted(names['clusters'])}"
-    listeners = [c for c in mesh.proxy.config_dump()["configs"] if c["@type"].endswith("ListenersConfigDump")]
-    addrs = [dl["active_state"]["listener"]["address"]["socket_address"]
-             for dl in listeners[0]["dynamic_listeners"] if dl["name"] == f"0.0.0.0_{port}"]
-    assert addrs == [{"address": "0.0.0.0", "port_value": port}], addrs
-
-
-def test_weighted_split_90_10(mesh: NativeMesh):
-    counts: Counter[str] = Counter()
-    for _ in range(1000):
-        r = mesh.gw.get("split.example.com", "/split")
-        assert r.status_code == 200, (r.status_code, r.text[:200])
-        counts[r.headers.get("x-backend")] += 1
-    assert set(counts) <= {"web-v1", "web-v2"}, counts
-    assert 860 <= counts["web-v1"] <= 940, f"90/10 split off by more than 4%: {counts}"
-    assert counts["web-v1"] + counts["web-v2"] == 1000
-
-
-def test_header_prefix_and_regex_match(mesh: NativeMesh):
-    cases = [
-        ("/", {}, "web-v1"),
-        ("/", {"x-user": "jason"}, "web-v2"),
-        ("/", {"x-user": "jasonx"}, "web-v1"),
-        ("/api/orders", {}, "api-v1"),
-        ("/api/orders", {"x-user": "jason"}, "web-v2"),
-        ("/apix", {}, "web-v1"),
-        ("/items/42", {}, "api-v2"),
-        ("/items/42x", {}, "web-v1"),
-        ("/items/", {}, "web-v1"),
-    ]
-    got = [(path, hdrs, mesh.gw.backend("match.example.com", path, hdrs)) for path, hdrs, _ in cases]
-    assert got == cases
-    e = echo(mesh.gw.get("match.example.com", "/api/orders?id=7"))
-    assert (e["name"], e["path"]) == ("api-v1", "/api/orders?id=7")
-    # Proxied, not passed through: the proxy adds a request id upstream.
-    assert "x-request-id" in e["headers"], e["headers"]
-
-
-def test_rewrite(mesh: NativeMesh):
-    r = mesh.gw.get("rewrite.example.com", "/old/thing?a=1")
-    assert r.status_code == 200, r.text[:200]
-    e = echo(r)
-    assert e["name"] == "web-v1"
-    assert e["path"] == "/new/thing?a=1"
-    assert mesh.b["web-v1"].count("/new/thing?a=1") >= 1
-    assert mesh.b["web-v1"].count("/old/thing?a=1") == 0
-    assert mesh.gw.get("rewrite.example.com", "/other").status_code == 404
-
-
-def test_redirect(mesh: NativeMesh):
-    before = mesh.b["web-v1"].total() + mesh.b["web-v2"].total()
-    r = mesh.gw.get("redirect.example.com", "/go")
-    assert r.status_code == 301, (r.status_code, r.text[:200])
-    assert r.headers.get("location") == "http://new.example.com/landing"
-    assert mesh.b["web-v1"].total() + mesh.b["web-v2"].total() == before
-
-
-def test_fault_abort_always(mesh: NativeMesh):
-    path = f"/abort/{uuid.uuid4().hex}"
-    for _ in range(5):
-        r = mesh.gw.get("fault.example.com", path)
-        assert r.status_code == 418
-        assert r.text == "fault filter abort"
-    assert mesh.b["web-v1"].count(path) == 0
-
-
-def test_fault_abort_percentage(mesh: NativeMesh):
-    path = f"/sometimes/{uuid.uuid4().hex}"
-    codes: Counter[int] = Counter(mesh.gw.get("fault.example.com", path).status_code for _ in range(500))
-    assert set(codes) <= {200, 503}, codes
-    assert 100 <= codes[503] <= 200, f"30% abort over 500 requests: {codes}"
-    assert mesh.b["web-v1"].count(path) == codes[200], "aborted requests must not reach the backend"
-
-
-def test_fault_delay(mesh: NativeMesh):
-    t = time.monotonic()
-    r = mesh.gw.get("fault.example.com", "/slow/x")
-    took = time.monotonic() - t
-    assert r.status_code == 200 and echo(r)["name"] == "web-v1"
-    assert 0.95 <= took < 1.9, f"fixedDelay 1s, took {took:.2f}s"
-
-
-def test_timeout_2s_answers_504(mesh: NativeMesh):
-    t = time.monotonic()
-    r = mesh.gw.get("timeout.example.com", "/delay/5")
-    took = time.monotonic() - t
-    assert r.status_code == 504
-    assert r.text == "upstream request timeout"
-    assert 1.9 <= took < 3.0, f"timeout 2s, answered after {took:.2f}s"
-    r = mesh.gw.get("timeout.example.com", "/delay/0.5")
-    assert r.status_code == 200 and echo(r)["path"] == "/delay/0.5"
-
-
-def test_retries(mesh: NativeMesh):
-    tag = uuid.uuid4().hex
-    r = mesh.gw.get("retry.example.com", f"/status/503/{tag}")
-    assert r.status_code == 503
-    assert mesh.b["web-v1"].count(f"/status/503/{tag}") == 4, "attempts: 3 means 1 try + 3 retries"
-
-    r = mesh.gw.get("retry.example.com", f"/none/status/503/{tag}")
-    assert r.status_code == 503
-    assert mesh.b["web-v1"].count(f"/none/status/503/{tag}") == 1, "attempts: 0 means no retry"
-
-    r = mesh.gw.get("retry.example.com", f"/status/200/{tag}")
-    assert r.status_code == 200
-    assert mesh.b["web-v1"].count(f"/status/200/{tag}") == 1
-
-
-def test_istio_metrics_on_the_stats_port(mesh: NativeMesh):
+def test_istio_metrics_on_the_stats_port(mesh: RouterMesh):
     for _ in range(3):
         assert mesh.gw.get("match.example.com", "/items/7").status_code == 200
     assert mesh.gw.get("fault.example.com", f"/abort/{uuid.uuid4().hex}").status_code == 418
@@ -287,61 +102,7 @@ def test_istio_metrics_on_the_stats_port(mesh: NativeMesh):
     assert "istio_request_duration_milliseconds_bucket{" in text
 
 
-def test_tcp_route_through_gateway(mesh: NativeMesh):
-    """The Gateway's TCP server: tcp_proxy to the subset the tcp route names (v2)."""
-    import socket
-
-    def roundtrip(line: str) -> str:
-        with socket.create_connection(("127.0.0.1", mesh.tcp_gateway_port), timeout=5) as s:
-            s.settimeout(5)
-            s.sendall(line.encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                buf += chunk
-            return buf.decode().strip()
-
-    answer = wait_until(lambda: roundtrip("hello") or None, 10, what="tcp echo through the gateway")
-    assert answer == "v2 hello", answer
-    for i in range(5):
-        assert roundtrip(f"line {i}") == f"v2 line {i}"
-    assert mesh.proxy.rejected() == {}
-
-
-def test_config_edit_under_load_switches_within_2s(mesh: NativeMesh):
-    host = "edit.example.com"
-    assert mesh.gw.backend(host, "/") == "web-v1"
-    edit = {}
-
-    def do_edit():
-        mesh.pilot.write("vs-edit.yaml", mesh.render("vs-edit", EDIT_SUBSET="v2"))
-        edit["t"] = time.monotonic()
-
-    try:
-        load = constant_load(mesh.gateway_port, host, "/load", rps=200, duration=8.0, workers=16,
-                             during=do_edit, during_at=3.0)
-        res = load.results
-        assert len(res) == 1600
-        failures = load.failures()
-        assert not failures, f"{len(failures)} failed requests: {summarize(failures)}"
-        t_edit = edit["t"]
-        before = Counter(r.backend for r in res if r.end < t_edit)
-        late = Counter(r.backend for r in res if r.start >= t_edit + 2.0)
-        assert before and set(before) == {"web-v1"}, f"before the edit: {before}"
-        assert sum(late.values()) >= 500, f"too few requests after edit+2s: {late}"
-        assert set(late) == {"web-v2"}, f"more than 2 s after the edit: {late}"
-        assert mesh.proxy.rejected() == {}
-    finally:
-        mesh.pilot.write("vs-edit.yaml", mesh.render("vs-edit", EDIT_SUBSET="v1"))
-        try:
-            wait_until(lambda: mesh.gw.backend(host, "/") == "web-v1", 10, what="edit VS back to v1")
-        except AssertionError:
-            pass
-
-
-def test_unsupported_feature_is_nacked_and_previous_config_keeps_serving(mesh: NativeMesh):
+def test_unsupported_feature_is_nacked_and_previous_config_keeps_serving(mesh: RouterMesh):
     node = mesh.proxy.node_id
     cluster = "outbound|80||hashed.internal.example"
     wait_acked(mesh.pilot, node)
@@ -376,32 +137,6 @@ def test_unsupported_feature_is_nacked_and_previous_config_keeps_serving(mesh: N
     # Once the pilot stops sending it, the next version is ACKed again.
     wait_acked(mesh.pilot, node, types=(CDS, LDS, RDS, EDS))
     assert mesh.gw.backend("split.example.com", "/") in ("web-v1", "web-v2")
-
-
-def test_mirror_sends_a_copy_to_v2(mesh: NativeMesh):
-    tag = uuid.uuid4().hex
-    for i in range(5):
-        r = mesh.gw.get("mirror.example.com", f"/m/{tag}/{i}")
-        assert r.status_code == 200 and r.headers["x-backend"] == "web-v1", "v1 answers"
-    wait_until(lambda: all(mesh.b["web-v2"].count(f"/m/{tag}/{i}") == 1 for i in range(5)), 5,
-               what="every request mirrored to web-v2 exactly once")
-    assert all(mesh.b["web-v1"].count(f"/m/{tag}/{i}") == 1 for i in range(5))
-
-
-def test_cors_preflight_and_simple_request(mesh: NativeMesh):
-    pre = mesh.gw.session.options(f"http://127.0.0.1:{mesh.gateway_port}/c", timeout=10, headers={
-        "Host": "mirror.example.com", "Origin": "https://app.example.com",
-        "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-custom"})
-    assert pre.status_code == 200, pre.text
-    assert pre.headers.get("access-control-allow-origin") == "https://app.example.com"
-    assert "POST" in pre.headers.get("access-control-allow-methods", "")
-    assert pre.headers.get("access-control-allow-credentials") == "true"
-    assert pre.headers.get("access-control-max-age") == "86400"
-    r = mesh.gw.get("mirror.example.com", "/c", headers={"Origin": "https://dev.example.org"})
-    assert r.headers.get("access-control-allow-origin") == "https://dev.example.org"
-    assert r.headers.get("access-control-expose-headers") == "x-backend"
-    r = mesh.gw.get("mirror.example.com", "/c", headers={"Origin": "https://evil.example.net"})
-    assert "access-control-allow-origin" not in r.headers
 
 
 # --------------------------------------------------------------------------------------------

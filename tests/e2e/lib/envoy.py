@@ -125,6 +125,10 @@ class EnvoyProxy:
         return json.loads(self.admin("/config_dump"))
 
     # --- assertions -------------------------------------------------------------------------
+    def rejected(self) -> dict[str, int]:
+        """Non-zero ``*update_rejected`` stats (the same call as NativeProxy's)."""
+        return self.rejected_updates()
+
     def rejected_updates(self, stats: dict[str, int] | None = None) -> dict[str, int]:
         stats = self.stats() if stats is None else stats
         return {k: v for k, v in stats.items() if k.endswith("update_rejected") and v != 0}
