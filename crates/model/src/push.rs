@@ -57,6 +57,8 @@ pub struct PushContext {
     dr_wildcard: Vec<usize>,
     /// Every valid resource, for features that read config directly (security, telemetry).
     pub resources: Arc<Vec<Resource>>,
+    /// AuthorizationPolicy / RequestAuthentication and fetched JWKS (see [`crate::authz`]).
+    pub authz: crate::authz::AuthzPolicies,
 }
 
 /// `reviews` in namespace `default` -> `reviews.default.svc.cluster.local`; names with a dot
@@ -162,6 +164,7 @@ impl PushContext {
                 ctx.dr_exact.entry(d.spec.host.clone()).or_default().push(i);
             }
         }
+        ctx.authz = crate::authz::AuthzPolicies::index(&resources);
         ctx.mesh = mesh;
         ctx.resources = resources;
         ctx
