@@ -8,8 +8,13 @@
 //! retries. Local replies use Envoy's texts (`upstream request timeout`, `no healthy
 //! upstream`, `fault filter abort`) and every request records Envoy's response flags.
 //!
-//! Request bodies are buffered before forwarding so a retry can resend them; responses are
-//! streamed back. Upstream connections are pooled per endpoint by hyper-util's client.
+//! HTTP/1.1 details as Envoy does them: request bodies stream upstream while a copy of up to
+//! [`RETRY_BUFFER_LIMIT`] bytes is kept for retries (a larger body streams and is not retried;
+//! a route with mirrors buffers the body whole, the copies need it); responses stream back;
+//! `Expect: 100-continue` is answered by the proxy (hyper sends `100 Continue` when the body
+//! is first read) and not forwarded; `Upgrade` (WebSocket) requests become a byte tunnel once
+//! the upstream answers `101`; header name case is preserved on HTTP/1 hops both ways.
+//! Upstream connections are pooled per endpoint by hyper-util's client.
 
 use crate::cluster::{random_below, random_u64, ClusterLb};
 use crate::config::{
@@ -24,15 +29,20 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tracing::debug;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -42,14 +52,17 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Envoy's default retry back-off: 25 ms base, 10x cap.
 const RETRY_BASE: Duration = Duration::from_millis(25);
 const RETRY_MAX: Duration = Duration::from_millis(250);
+/// How much of a streamed request body is kept for a retry: Envoy's default per-connection
+/// buffer limit (1 MiB). A longer body still streams, but cannot be retried.
+pub const RETRY_BUFFER_LIMIT: usize = 1 << 20;
 
 /// Upstream client pools (keyed by endpoint `ip:port` inside hyper-util), one per protocol.
 pub struct Clients {
-    h1: Client<HttpConnector, Full<Bytes>>,
-    h2: Client<HttpConnector, Full<Bytes>>,
+    h1: Client<HttpConnector, Body>,
+    h2: Client<HttpConnector, Body>,
     /// Pools whose connections come from Istio's inbound source address (127.0.0.6).
-    inbound_h1: Client<HttpConnector, Full<Bytes>>,
-    inbound_h2: Client<HttpConnector, Full<Bytes>>,
+    inbound_h1: Client<HttpConnector, Body>,
+    inbound_h2: Client<HttpConnector, Body>,
 }
 
 impl Clients {
@@ -61,6 +74,7 @@ impl Clients {
             c.set_local_address(source);
             let h1 = Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(60))
+                .http1_preserve_header_case(true)
                 .build(c.clone());
             let h2 = Client::builder(TokioExecutor::new())
                 .http2_only(true)
@@ -79,11 +93,7 @@ impl Clients {
 
     /// The pool for a cluster. Only Istio's inbound source address is supported as a bind
     /// address: it is the one the pilot emits, and one pool per address keeps this simple.
-    fn pick(
-        &self,
-        http2: bool,
-        source: Option<std::net::IpAddr>,
-    ) -> &Client<HttpConnector, Full<Bytes>> {
+    fn pick(&self, http2: bool, source: Option<std::net::IpAddr>) -> &Client<HttpConnector, Body> {
         match (http2, source.is_some()) {
             (true, false) => &self.h2,
             (false, false) => &self.h1,
@@ -121,8 +131,11 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx) {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    // Header case is kept per request (hyper records it in the request's extensions, which
+    // go upstream with it); upgrades need the connection handed back after a 101.
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .preserve_header_case(true);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
@@ -385,7 +398,8 @@ fn mirror(
                 &path,
                 &method,
                 h,
-                body,
+                http::Extensions::new(),
+                full_body(body),
                 None,
                 None,
             )
@@ -702,14 +716,22 @@ async fn forward(
         out.flags.push("NC");
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
     };
-    let (parts, body) = req.into_parts();
-    // Buffered so retries can resend it.
-    let body = match body.collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            out.flags.push("DC");
-            debug!(error = %e, "reading the downstream request body");
-            return local_reply(StatusCode::BAD_REQUEST, "");
+    let (mut parts, body) = req.into_parts();
+    // Taken out in any case: it belongs to the downstream connection, not to the upstream
+    // request the extensions go on with (they carry the header case map).
+    let downstream_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let upgrade = upgrade_protocol(&parts.headers, parts.version).filter(|_| !cluster.config.http2);
+    let mut req_body = if a.mirrors.is_empty() {
+        ReqBody::new(body)
+    } else {
+        // The mirrors need a copy of the whole body.
+        match body.collect().await {
+            Ok(b) => ReqBody::Buffered(b.to_bytes()),
+            Err(e) => {
+                out.flags.push("DC");
+                debug!(error = %e, "reading the downstream request body");
+                return local_reply(StatusCode::BAD_REQUEST, "");
+            }
         }
     };
     let pq = parts
@@ -729,6 +751,13 @@ async fn forward(
 
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
+    // Envoy answers `100 Continue` itself (hyper does when the body is first read) and does
+    // not pass the expectation on.
+    headers.remove(header::EXPECT);
+    if let Some(proto) = &upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto.clone());
+    }
     if !headers.contains_key("x-request-id") {
         if let Ok(v) = HeaderValue::from_str(&request_id()) {
             headers.insert("x-request-id", v);
@@ -744,10 +773,13 @@ async fn forward(
     if let Ok(v) = HeaderValue::from_str(&host) {
         headers.insert(header::HOST, v);
     }
-    mirror(ctx, snap, a, &parts.method, &path, &host, &headers, &body);
+    if let ReqBody::Buffered(body) = &req_body {
+        mirror(ctx, snap, a, &parts.method, &path, &host, &headers, body);
+    }
 
     let deadline = a.timeout.map(|t| Instant::now() + t);
-    let retry = a.retry.as_ref();
+    // An upgrade is a tunnel: one attempt, as Envoy does.
+    let retry = a.retry.as_ref().filter(|_| upgrade.is_none());
     let max_attempts = 1 + retry.map_or(0, |r| r.num_retries);
     let mut attempt = 0u32;
     loop {
@@ -765,7 +797,8 @@ async fn forward(
             &path,
             &parts.method,
             h,
-            body.clone(),
+            parts.extensions.clone(),
+            req_body.next(),
             deadline,
             retry,
         )
@@ -784,16 +817,41 @@ async fn forward(
                 out.flags.push("UT");
                 return local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
             }
-            AttemptResult::Response(resp) => {
+            AttemptResult::Response(mut resp) => {
                 let retriable = retry.is_some_and(|r| retriable_response(r, &resp));
-                if retriable && retries_left && backoff(attempt, deadline).await {
+                if retriable
+                    && retries_left
+                    && req_body.replayable().await
+                    && backoff(attempt, deadline).await
+                {
                     continue;
                 }
                 if retriable && attempt > 1 {
                     out.flags.push("URX");
                 }
+                let switching =
+                    upgrade.is_some() && resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                if switching {
+                    let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                    let Some(down) = downstream_upgrade else {
+                        out.flags.push("UPE");
+                        return local_reply(StatusCode::BAD_GATEWAY, "upgrade failed");
+                    };
+                    tokio::spawn(tunnel(down, upstream_upgrade));
+                }
                 let (mut p, b) = resp.into_parts();
+                // A 101 keeps `Connection: upgrade` and `Upgrade`; the rest is hop-by-hop.
+                let proto = p
+                    .headers
+                    .get(header::UPGRADE)
+                    .cloned()
+                    .filter(|_| switching);
                 strip_hop_by_hop(&mut p.headers);
+                if let Some(proto) = proto {
+                    p.headers
+                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    p.headers.insert(header::UPGRADE, proto);
+                }
                 apply_response_ops(&mut p.headers, &route.headers);
                 if let Some(ops) = cluster_ops {
                     apply_response_ops(&mut p.headers, ops);
@@ -802,7 +860,11 @@ async fn forward(
             }
             AttemptResult::Failed(f) => {
                 let retriable = retry.is_some_and(|r| retriable_failure(r, &f));
-                if retriable && retries_left && backoff(attempt, deadline).await {
+                if retriable
+                    && retries_left
+                    && req_body.replayable().await
+                    && backoff(attempt, deadline).await
+                {
                     continue;
                 }
                 if retriable && attempt > 1 {
@@ -849,7 +911,8 @@ async fn attempt_once(
     path: &str,
     method: &http::Method,
     headers: HeaderMap,
-    body: Bytes,
+    extensions: http::Extensions,
+    body: Body,
     deadline: Option<Instant>,
     retry: Option<&RetryPolicy>,
 ) -> AttemptResult {
@@ -857,7 +920,8 @@ async fn attempt_once(
         Ok(u) => u,
         Err(e) => return AttemptResult::Failed(Failure::Connect(format!("bad upstream URI: {e}"))),
     };
-    let mut req = Request::new(Full::new(body));
+    let mut req = Request::new(body);
+    *req.extensions_mut() = extensions;
     *req.method_mut() = method.clone();
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
@@ -952,10 +1016,221 @@ async fn backoff(attempt: u32, deadline: Option<Instant>) -> bool {
     true
 }
 
+// ------------------------------------------------------------------ upgrades
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` + `Upgrade`).
+/// Istio's listeners always carry the `websocket` upgrade config; other protocols pass too,
+/// the upstream decides.
+fn upgrade_protocol(h: &HeaderMap, version: Version) -> Option<HeaderValue> {
+    if version != Version::HTTP_11 {
+        return None;
+    }
+    let asks = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| h.get(header::UPGRADE).cloned()).flatten()
+}
+
+/// Copy bytes both ways between the two upgraded connections until either side closes.
+async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (down, up) = match tokio::try_join!(down, up) {
+        Ok(x) => x,
+        Err(e) => {
+            debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        Ok((to_up, to_down)) => debug!(to_up, to_down, "upgraded connection closed"),
+        Err(e) => debug!(error = %e, "upgraded connection ended with an error"),
+    }
+}
+
+// ------------------------------------------------------------------ request bodies
+
+/// The downstream request body across attempts.
+enum ReqBody {
+    /// Whole in memory: every attempt sends a copy.
+    Buffered(Bytes),
+    /// Not (completely) sent yet: the next attempt streams `rest` after `kept`.
+    Pending(Leftover),
+    /// Owned by an attempt in flight; what it leaves comes back on the channel.
+    Sent(oneshot::Receiver<Leftover>),
+}
+
+/// What a streamed body leaves for the next attempt: the bytes already read (all of them,
+/// within the retry buffer) and the part not read yet.
+struct Leftover {
+    kept: Vec<Bytes>,
+    rest: Option<Incoming>,
+}
+
+impl ReqBody {
+    fn new(body: Incoming) -> ReqBody {
+        if body.is_end_stream() {
+            ReqBody::Buffered(Bytes::new())
+        } else {
+            ReqBody::Pending(Leftover {
+                kept: Vec::new(),
+                rest: Some(body),
+            })
+        }
+    }
+
+    /// The body for the next attempt.
+    fn next(&mut self) -> Body {
+        let left = match std::mem::replace(self, ReqBody::Buffered(Bytes::new())) {
+            ReqBody::Buffered(b) => {
+                *self = ReqBody::Buffered(b.clone());
+                return full_body(b);
+            }
+            ReqBody::Pending(l) => l,
+            // Only reached when `replayable` said no and the caller went on anyway.
+            ReqBody::Sent(_) => return full_body(Bytes::new()),
+        };
+        let (tx, rx) = oneshot::channel();
+        *self = ReqBody::Sent(rx);
+        let kept_len = left.kept.iter().map(Bytes::len).sum();
+        Tee {
+            replay: left.kept.iter().cloned().collect(),
+            kept: Some(left.kept),
+            kept_len,
+            rest: left.rest,
+            back: Some(tx),
+        }
+        .boxed()
+    }
+
+    /// Whether another attempt can send the whole body again. The attempt that had it hands
+    /// it back when hyper finishes or drops it; a drop in the connection task can lag the
+    /// response a little, hence the short bounded wait.
+    async fn replayable(&mut self) -> bool {
+        let ReqBody::Sent(rx) = self else {
+            return true;
+        };
+        match tokio::time::timeout(Duration::from_millis(100), rx).await {
+            Ok(Ok(left)) => {
+                *self = ReqBody::Pending(left);
+                true
+            }
+            // Over the retry buffer, failed, or still held upstream: no retry.
+            _ => false,
+        }
+    }
+}
+
+/// Streams a request body upstream and keeps a copy of what went through (up to
+/// [`RETRY_BUFFER_LIMIT`]); hands that copy, and whatever was not read, back when done or
+/// dropped. Sends the kept bytes of an earlier attempt first.
+struct Tee {
+    replay: VecDeque<Bytes>,
+    /// `None` once the body outgrew the retry buffer (or had trailers): not replayable.
+    kept: Option<Vec<Bytes>>,
+    kept_len: usize,
+    rest: Option<Incoming>,
+    back: Option<oneshot::Sender<Leftover>>,
+}
+
+impl Tee {
+    fn give_back(&mut self) {
+        if let (Some(tx), Some(kept)) = (self.back.take(), self.kept.take()) {
+            let _ = tx.send(Leftover {
+                kept,
+                rest: self.rest.take(),
+            });
+        }
+    }
+
+    fn keep(&mut self, data: &Bytes) {
+        self.kept_len += data.len();
+        if self.kept_len > RETRY_BUFFER_LIMIT {
+            self.kept = None;
+        } else if let Some(k) = &mut self.kept {
+            k.push(data.clone());
+        }
+    }
+}
+
+impl Drop for Tee {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
+impl hyper::body::Body for Tee {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        if let Some(b) = self.replay.pop_front() {
+            return Poll::Ready(Some(Ok(hyper::body::Frame::data(b))));
+        }
+        let Some(rest) = self.rest.as_mut() else {
+            self.give_back();
+            return Poll::Ready(None);
+        };
+        match Pin::new(rest).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                self.rest = None;
+                self.give_back();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.kept = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                match frame.data_ref() {
+                    Some(data) => {
+                        let data = data.clone();
+                        self.keep(&data);
+                    }
+                    // Trailers are not kept: such a body is sent once.
+                    None => self.kept = None,
+                }
+                if self.rest.as_ref().is_some_and(|r| r.is_end_stream()) {
+                    self.rest = None;
+                    self.give_back();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.replay.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        let replay: u64 = self.replay.iter().map(|b| b.len() as u64).sum();
+        let mut hint = self
+            .rest
+            .as_ref()
+            .map_or_else(|| hyper::body::SizeHint::with_exact(0), |r| r.size_hint());
+        hint.set_lower(hint.lower() + replay);
+        if let Some(u) = hint.upper() {
+            hint.set_upper(u + replay);
+        }
+        hint
+    }
+}
+
+fn full_body(b: Bytes) -> Body {
+    Full::new(b).map_err(|never| match never {}).boxed()
+}
+
 // ------------------------------------------------------------------ local replies
 
 fn full_response(status: StatusCode, body: Bytes) -> Response<Body> {
-    let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+    let mut resp = Response::new(full_body(body));
     *resp.status_mut() = status;
     resp
 }
