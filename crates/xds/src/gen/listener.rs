@@ -205,7 +205,9 @@ struct WildcardPort {
 
 fn sidecar(proxy: &Proxy, push: &PushContext) -> Vec<Listener> {
     let fallback = passthrough_target(proxy, push);
-    let mut out = vec![virtual_outbound(&fallback), virtual_inbound(proxy, push)];
+    // AuthorizationPolicy / RequestAuthentication filters go into every inbound chain.
+    let inbound = super::rbac::with_inbound_authz(virtual_inbound(proxy, push), proxy, push);
+    let mut out = vec![virtual_outbound(&fallback), inbound];
     let mut wildcard: BTreeMap<u16, WildcardPort> = BTreeMap::new();
     let mut vip_listeners: BTreeMap<String, Listener> = BTreeMap::new();
     for svc in push.services.values() {

@@ -3,7 +3,9 @@
 
 pub mod cluster;
 pub mod endpoint;
+pub mod jwt;
 pub mod listener;
+pub mod rbac;
 pub mod route;
 
 use crate::any;
