@@ -2,11 +2,14 @@
 //! picks among them (ROUND_ROBIN, LEAST_REQUEST with two random choices, RANDOM; weights
 //! honoured by expanding each endpoint into a weighted schedule).
 //!
+//! Each host also resolves its transport: the cluster's `transport_socket_matches` against
+//! the endpoint's `tlsMode` metadata (Istio's auto mTLS), else the cluster's own TLS context.
+//!
 //! A `ClusterLb` lives in one snapshot; its counters are atomics so picking never locks. A new
 //! snapshot starts new counters, which only resets round-robin position and in-flight counts
 //! of the old generation (requests in flight keep their `Arc` to the old endpoint).
 
-use crate::config::{Cluster, DiscoveryKind, Endpoint, LbPolicy};
+use crate::config::{Cluster, DiscoveryKind, Endpoint, LbPolicy, UpstreamTls};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -137,6 +140,7 @@ impl ClusterLb {
                 port: dst.port(),
                 weight: 1,
                 healthy: true,
+                transport_metadata: Vec::new(),
             }));
             host.active.fetch_add(1, Ordering::Relaxed);
             return Some(Picked { host });
@@ -156,6 +160,19 @@ impl ClusterLb {
         let host = self.hosts.get(idx)?.clone();
         host.active.fetch_add(1, Ordering::Relaxed);
         Some(Picked { host })
+    }
+
+    /// The TLS context for connections to `host`: the first transport_socket_match whose
+    /// criteria the endpoint's metadata all carry, else the cluster's transport_socket
+    /// (Envoy's order). `None` = plaintext.
+    pub fn tls_for(&self, host: &Host) -> Option<&Arc<UpstreamTls>> {
+        let md = &host.endpoint.transport_metadata;
+        for m in &self.config.transport_matches {
+            if m.criteria.iter().all(|c| md.contains(c)) {
+                return m.tls.as_ref();
+            }
+        }
+        self.config.tls.as_ref()
     }
 
     fn pick_index(&self) -> usize {
@@ -259,6 +276,8 @@ mod tests {
             inline_endpoints: Vec::new(),
             outlier: None,
             source_address: None,
+            tls: None,
+            transport_matches: Vec::new(),
         }
     }
 
@@ -268,6 +287,7 @@ mod tests {
             port: 80,
             weight,
             healthy,
+            transport_metadata: Vec::new(),
         }
     }
 

@@ -41,7 +41,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tracing::debug;
 
@@ -121,10 +120,12 @@ pub struct ConnCtx {
     /// Istio's `reporter` label: `destination` on the inbound path, `source` otherwise
     /// (sidecar outbound and gateways).
     pub reporter: &'static str,
+    /// Downstream TLS facts (mTLS, peer principal) for metrics.
+    pub security: crate::tls::Security,
 }
 
 /// Serve one downstream connection (HTTP/1.1 or h2c) until it closes or we shut down.
-pub async fn serve(stream: TcpStream, ctx: ConnCtx) {
+pub async fn serve(stream: crate::tls::Stream, ctx: ConnCtx) {
     let _open = ctx.shared.http_connection();
     let mut shutdown = ctx.shared.shutdown_signal();
     let svc = hyper::service::service_fn(move |req| {
@@ -155,6 +156,8 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx) {
 struct Outcome {
     flags: Vec<&'static str>,
     cluster: String,
+    /// The upstream TLS peer, when the response came over TLS.
+    upstream: Option<crate::tls::Security>,
 }
 
 async fn handle(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
@@ -180,6 +183,7 @@ async fn handle(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
     let mut out = Outcome {
         flags: Vec::new(),
         cluster: String::new(),
+        upstream: None,
     };
     let resp = route_request(&ctx, req, &authority, &mut out).await;
     ctx.shared.metrics.request_finished();
@@ -191,6 +195,8 @@ async fn handle(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
         out.flags.join(",")
     };
     let (svc, svc_name, svc_ns) = destination_service(&out.cluster);
+    let (policy, source_principal, destination_principal) =
+        crate::metrics::security_labels(ctx.reporter, &ctx.security, out.upstream.as_ref());
     let labels = RequestLabels {
         reporter: ctx.reporter,
         source_workload: "unknown".into(),
@@ -202,7 +208,9 @@ async fn handle(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
         request_protocol: if grpc { "grpc" } else { "http" },
         response_code: code,
         response_flags: flags.clone(),
-        connection_security_policy: "unknown",
+        connection_security_policy: policy,
+        source_principal,
+        destination_principal,
     };
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     ctx.shared.metrics.requests.get_or_create(&labels).inc();
@@ -391,9 +399,11 @@ fn mirror(
             let Some(picked) = cluster.pick(ctx.original_dst) else {
                 return;
             };
+            let tls = cluster.tls_for(&picked.host).cloned();
             let r = attempt_once(
                 &ctx,
                 &cluster,
+                tls.as_ref(),
                 &picked.host.authority(),
                 &path,
                 &method,
@@ -790,9 +800,11 @@ async fn forward(
         };
         let mut h = headers.clone();
         h.insert("x-envoy-attempt-count", HeaderValue::from(attempt));
+        let tls = cluster.tls_for(&picked.host).cloned();
         let result = attempt_once(
             ctx,
             &cluster,
+            tls.as_ref(),
             &picked.host.authority(),
             &path,
             &parts.method,
@@ -818,6 +830,10 @@ async fn forward(
                 return local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
             }
             AttemptResult::Response(mut resp) => {
+                out.upstream = resp
+                    .extensions()
+                    .get::<crate::tls::UpstreamPeer>()
+                    .map(|p| p.0.clone());
                 let retriable = retry.is_some_and(|r| retriable_response(r, &resp));
                 if retriable
                     && retries_left
@@ -907,6 +923,7 @@ enum AttemptResult {
 async fn attempt_once(
     ctx: &ConnCtx,
     cluster: &ClusterLb,
+    tls: Option<&Arc<crate::config::UpstreamTls>>,
     endpoint: &str,
     path: &str,
     method: &http::Method,
@@ -941,7 +958,15 @@ async fn attempt_once(
         (Some(g), Some(p)) => Some(g.min(p)),
         (g, p) => g.or(p),
     };
-    let fut = client.request(req);
+    // TLS upstreams (DestinationRule tls, ISTIO_MUTUAL) have their own pools.
+    let fut = match tls {
+        Some(t) => ctx
+            .shared
+            .tls_clients
+            .get(t, cluster.config.http2, cluster.config.source_address)
+            .request(req),
+        None => client.request(req),
+    };
     let res = match limit {
         Some(l) => match tokio::time::timeout(l, fut).await {
             Ok(r) => r,

@@ -28,8 +28,10 @@ pub mod config;
 pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod secrets;
 pub mod snapshot;
 pub mod tcp;
+pub mod tls;
 pub mod xds;
 
 use arc_swap::ArcSwap;
@@ -70,6 +72,9 @@ pub struct ProxyOptions {
     pub drain_duration: Duration,
     /// `sidecar` or `router`: the `reporter` label of Istio's metrics.
     pub reporter: &'static str,
+    /// Workload certificate from the pilot's CA (SDS `default` / `ROOTCA` in TLS contexts);
+    /// `None`: no identity, and TLS contexts that need it fail their handshakes.
+    pub identity: Option<mizzen_agent::identity_cert::CertOptions>,
 }
 
 /// State shared by every task: the current snapshot, readiness, xDS status, metrics and the
@@ -85,6 +90,8 @@ pub struct Shared {
     generation: watch::Sender<u64>,
     pub metrics: metrics::Metrics,
     pub clients: http::Clients,
+    /// Upstream pools over TLS, one per distinct TLS context.
+    pub tls_clients: tls::UpstreamClients,
     pub reporter: &'static str,
     shutdown: watch::Sender<bool>,
 }
@@ -101,6 +108,7 @@ impl Shared {
             generation: watch::channel(0).0,
             metrics: metrics::Metrics::new(),
             clients: http::Clients::new(),
+            tls_clients: tls::UpstreamClients::default(),
             reporter,
             shutdown: watch::channel(false).0,
         })
@@ -190,6 +198,10 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ProxyError> {
     let shared = Shared::new(opts.reporter);
+    let identity_task = opts
+        .identity
+        .clone()
+        .map(|o| tokio::spawn(secrets::run_identity(o)));
     admin::serve(&shared, &opts).await?;
     let client = xds::XdsClient {
         node: opts.node.clone(),
@@ -206,6 +218,9 @@ pub async fn run(
     }
     shared.shutdown();
     xds_task.abort();
+    if let Some(t) = identity_task {
+        t.abort();
+    }
     // The manager closes every listener on shutdown; in-flight connections hold their own
     // tasks, which we give the drain time to finish.
     let _ = listeners.await;

@@ -8,8 +8,10 @@
 //! rebinding. `virtualOutbound` (use_original_dst) reads SO_ORIGINAL_DST and hands the
 //! connection to the listener bound to that exact `IP:PORT`, else `0.0.0.0:PORT`, else uses
 //! its own chains (passthrough). Chains are matched on destination port and IP, transport
-//! (`tls` / `raw_buffer`) and application protocol (`http/1.1`, `h2c`), sniffed from the
-//! first bytes with a short timeout so server-first protocols still fall through to TCP.
+//! (`tls` / `raw_buffer`), SNI and application protocol (`http/1.1`, `h2c`, or the
+//! ClientHello's ALPN), sniffed from the first bytes with a short timeout so server-first
+//! protocols still fall through to TCP. A chain with a TLS context terminates TLS
+//! ([`crate::tls::accept`]) before its filter runs.
 
 use crate::config::{ChainMatch, FilterChain, Listener, NetworkFilter, RouteSource};
 use crate::snapshot::inline_route_key;
@@ -151,6 +153,23 @@ async fn connection(shared: Arc<Shared>, name: String, stream: TcpStream, peer: 
         return;
     };
     debug!(listener = %listener.name, chain = %chain.name, %peer, %dst, "connection");
+    // TLS termination (gateway SIMPLE/MUTUAL, inbound mTLS) before the filter sees bytes.
+    let (stream, security) = match &chain.tls {
+        None => (
+            crate::tls::Stream::from(stream),
+            crate::tls::Security::plaintext(),
+        ),
+        Some(tls) => {
+            let tls = tls.clone();
+            match crate::tls::accept(stream, &tls, &sniffed.hello.alpn).await {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(listener = %listener.name, chain = %chain.name, %peer, error = %e, "downstream TLS handshake failed");
+                    return;
+                }
+            }
+        }
+    };
     match &chain.filter {
         NetworkFilter::Http(h) => {
             let route_key: Arc<str> = match &h.routes {
@@ -169,6 +188,7 @@ async fn connection(shared: Arc<Shared>, name: String, stream: TcpStream, peer: 
                 peer,
                 original_dst,
                 reporter,
+                security,
             };
             drop(snap);
             crate::http::serve(stream, ctx).await;
@@ -197,6 +217,8 @@ struct Sniffed {
     transport: &'static str,
     /// `http/1.1`, `h2c`, or empty.
     application: &'static str,
+    /// SNI and ALPN of a TLS ClientHello.
+    hello: crate::tls::Hello,
 }
 
 fn needs_detection(l: &Listener) -> bool {
@@ -214,7 +236,11 @@ async fn detect(stream: &TcpStream) -> Sniffed {
         // Server-first protocol (nothing sent yet) or an error: opaque TCP.
         _ => 0,
     };
-    classify(&buf[..n])
+    let mut sniffed = classify(&buf[..n]);
+    if sniffed.transport == "tls" {
+        sniffed.hello = crate::tls::sniff(stream, DETECTION_TIMEOUT).await;
+    }
+    sniffed
 }
 
 fn classify(b: &[u8]) -> Sniffed {
@@ -232,7 +258,7 @@ fn classify(b: &[u8]) -> Sniffed {
     if b.len() >= 3 && b[0] == 0x16 && b[1] == 0x03 {
         return Sniffed {
             transport: "tls",
-            application: "",
+            ..Sniffed::default()
         };
     }
     let application = if b.starts_with(b"PRI * HTTP/2.0") {
@@ -245,6 +271,7 @@ fn classify(b: &[u8]) -> Sniffed {
     Sniffed {
         transport: "raw_buffer",
         application,
+        ..Sniffed::default()
     }
 }
 
@@ -281,15 +308,34 @@ fn select_chain<'a>(
     let matches = |m: &ChainMatch| {
         m.destination_port.is_none_or(|p| p == dst.port())
             && (m.prefix_ranges.is_empty() || m.prefix_ranges.iter().any(|(n, len)| prefix_contains(*n, *len, dst.ip())))
-            // SNI is not parsed yet: a chain that needs server names never matches.
-            && m.server_names.is_empty()
+            && (m.server_names.is_empty() || s.hello.sni.as_deref().is_some_and(|sni| m.server_names.iter().any(|p| crate::tls::server_name_matches(p, sni))))
             && m.transport_protocol.as_deref().is_none_or(|t| t == s.transport)
-            && (m.application_protocols.is_empty() || m.application_protocols.iter().any(|a| a == s.application))
+            // TLS: the ClientHello's ALPN list (tls_inspector); plaintext: the sniffed protocol.
+            && (m.application_protocols.is_empty() || m.application_protocols.iter().any(|a| a == s.application || s.hello.alpn.contains(a)))
+    };
+    // Envoy: an exact server name beats a wildcard, a longer wildcard a shorter one.
+    let sni_rank = |m: &ChainMatch| -> usize {
+        let Some(sni) = s.hello.sni.as_deref() else {
+            return 0;
+        };
+        m.server_names
+            .iter()
+            .filter(|p| crate::tls::server_name_matches(p, sni))
+            .map(|p| {
+                if p.starts_with('*') {
+                    p.len()
+                } else {
+                    usize::MAX
+                }
+            })
+            .max()
+            .unwrap_or(0)
     };
     let specificity = |m: &ChainMatch| {
         (
             m.destination_port.is_some(),
             m.prefix_ranges.iter().map(|(_, l)| *l).max(),
+            sni_rank(m),
             m.transport_protocol.is_some(),
             !m.application_protocols.is_empty(),
         )

@@ -26,6 +26,8 @@ pub struct RequestLabels {
     pub response_code: u16,
     pub response_flags: String,
     pub connection_security_policy: &'static str,
+    pub source_principal: String,
+    pub destination_principal: String,
 }
 
 pub struct Metrics {
@@ -118,6 +120,35 @@ pub fn destination_service(cluster: &str) -> (String, String, String) {
         _ => "unknown".to_string(),
     };
     (host.to_string(), name, ns)
+}
+
+/// (`connection_security_policy`, `source_principal`, `destination_principal`) as Istio
+/// reports them: the server side (reporter `destination`) knows whether the downstream
+/// connection was mutual TLS (`mutual_tls` / `none`) and the client's principal; the client
+/// side reports `unknown` for the policy and the principals of an mTLS upstream connection.
+pub fn security_labels(
+    reporter: &str,
+    downstream: &crate::tls::Security,
+    upstream: Option<&crate::tls::Security>,
+) -> (&'static str, String, String) {
+    let name = |p: &Option<std::sync::Arc<str>>| p.as_deref().unwrap_or("unknown").to_string();
+    if reporter == "destination" {
+        let policy = if downstream.mutual {
+            "mutual_tls"
+        } else {
+            "none"
+        };
+        (
+            policy,
+            name(&downstream.peer_principal),
+            name(&downstream.local_principal),
+        )
+    } else {
+        match upstream.filter(|u| u.mutual) {
+            Some(u) => ("unknown", name(&u.local_principal), name(&u.peer_principal)),
+            None => ("unknown", "unknown".into(), "unknown".into()),
+        }
+    }
 }
 
 /// xDS updates rejected, by type (the admin `/stats` shows them like Envoy's

@@ -28,7 +28,7 @@ fn pick(target: &ClusterTarget) -> Option<&str> {
 
 pub async fn proxy(
     shared: Arc<Shared>,
-    mut downstream: TcpStream,
+    mut downstream: crate::tls::Stream,
     target: &ClusterTarget,
     original_dst: Option<SocketAddr>,
 ) {
@@ -43,7 +43,7 @@ pub async fn proxy(
     };
     let addr = picked.host.authority();
     let timeout = cluster.config.connect_timeout;
-    let mut upstream =
+    let upstream =
         match tokio::time::timeout(timeout, connect(&addr, cluster.config.source_address)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -56,6 +56,17 @@ pub async fn proxy(
             }
         };
     let _ = upstream.set_nodelay(true);
+    // TLS origination when the endpoint's transport says so (ISTIO_MUTUAL, DR SIMPLE/MUTUAL).
+    let mut upstream = match cluster.tls_for(&picked.host) {
+        None => crate::tls::Stream::from(upstream),
+        Some(tls) => match crate::tls::connect_stream(upstream, tls).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(cluster = %name, %addr, error = %e, "tcp proxy: upstream TLS handshake failed");
+                return;
+            }
+        },
+    };
     match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
         Ok((up, down)) => {
             debug!(cluster = %name, %addr, bytes_sent = up, bytes_received = down, "tcp proxy: closed")

@@ -73,8 +73,8 @@ pub struct ProxyArgs {
     security: SecurityArgs,
 }
 
-/// Workload identity for the Envoy agent (opt-in: without --ca-address, --token-file or
-/// MIZZEN_TOKEN the agent runs exactly as before, with no certificates).
+/// Workload identity for the Envoy agent or the native proxy (opt-in: without --ca-address,
+/// --token-file or MIZZEN_TOKEN the proxy runs without certificates).
 #[derive(clap::Args)]
 struct SecurityArgs {
     /// The pilot's CSR API (its TLS port) [default when a token is given: the discovery
@@ -245,6 +245,8 @@ fn run_native(args: ProxyArgs) -> anyhow::Result<u8> {
     };
     let env = std::env::vars().collect();
     let identity = Identity::resolve(proxy_type, &input, &env, &HostInfo::detect())?;
+    // Same flags as the agent: the native proxy fetches and rotates its own certificate.
+    let identity_cert = identity_cert_options(&args.security, &identity, &discovery)?;
     let opts = mizzen_proxy::ProxyOptions {
         node: identity.node(),
         discovery_address: discovery.to_string(),
@@ -261,6 +263,7 @@ fn run_native(args: ProxyArgs) -> anyhow::Result<u8> {
             ProxyType::Sidecar => "sidecar",
             ProxyType::Router => "router",
         },
+        identity: identity_cert,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(usize::from(args.concurrency.max(1)))

@@ -49,6 +49,8 @@ pub struct FilterChain {
     pub name: String,
     pub matcher: ChainMatch,
     pub filter: NetworkFilter,
+    /// `transport_socket` (DownstreamTlsContext): terminate TLS before the filter.
+    pub tls: Option<Arc<DownstreamTls>>,
 }
 
 /// Envoy's `FilterChainMatch`, reduced to the fields the pilot emits. Empty = any.
@@ -309,6 +311,21 @@ pub struct Cluster {
     /// from 127.0.0.6, which the capture rules exempt; from the pod IP, the connection would
     /// be captured back into the inbound listener.
     pub source_address: Option<std::net::IpAddr>,
+    /// `transport_socket`: TLS to every endpoint (DestinationRule SIMPLE / MUTUAL).
+    pub tls: Option<Arc<UpstreamTls>>,
+    /// `transport_socket_matches`, in order: the first whose criteria are all in an
+    /// endpoint's `envoy.transport_socket_match` metadata decides (Istio's auto mTLS:
+    /// `tlsMode: istio` -> ISTIO_MUTUAL, else plaintext).
+    pub transport_matches: Vec<TransportSocketMatch>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TransportSocketMatch {
+    pub name: String,
+    /// (key, value) pairs that must all be present in the endpoint's metadata.
+    pub criteria: Vec<(String, String)>,
+    /// `None`: plaintext (`raw_buffer`).
+    pub tls: Option<Arc<UpstreamTls>>,
 }
 
 /// Consecutive-error ejection (Istio's `outlierDetection`; success-rate ejection is off in
@@ -328,6 +345,9 @@ pub struct Endpoint {
     pub port: u16,
     pub weight: u32,
     pub healthy: bool,
+    /// String values of the endpoint's `envoy.transport_socket_match` metadata
+    /// (`tlsMode: istio`).
+    pub transport_metadata: Vec<(String, String)>,
 }
 
 /// A `ClusterLoadAssignment`.
@@ -335,4 +355,33 @@ pub struct Endpoint {
 pub struct Endpoints {
     pub cluster: String,
     pub endpoints: Vec<Endpoint>,
+}
+
+// ------------------------------------------------------------------ TLS
+
+/// A filter chain's `DownstreamTlsContext`, compiled into rustls server configs whose
+/// certificate and client verification read [`crate::secrets`] at handshake time.
+#[derive(Clone, Debug)]
+pub struct DownstreamTls {
+    /// Our ALPN protocols, in preference order.
+    pub alpn: Vec<String>,
+    pub require_client_certificate: bool,
+    /// A validation context is set: client certificates are verified against it.
+    pub validates_clients: bool,
+    pub config: Arc<rustls::ServerConfig>,
+    /// The same without ALPN, for clients whose ALPN list shares nothing with ours: Envoy
+    /// then carries on without ALPN, where rustls would abort the handshake.
+    pub config_no_alpn: Arc<rustls::ServerConfig>,
+}
+
+/// A cluster's `UpstreamTlsContext`, compiled.
+#[derive(Clone, Debug)]
+pub struct UpstreamTls {
+    /// SNI to send; `None` sends none (the endpoint's IP is the verified-against name).
+    pub sni: Option<String>,
+    pub alpn: Vec<String>,
+    pub config: Arc<rustls::ClientConfig>,
+    /// Hash of the context and the file contents it loaded: identical contexts share one
+    /// upstream connection pool across config updates.
+    pub key: u64,
 }

@@ -17,6 +17,7 @@ use envoy_types::pb::envoy::extensions::filters::http::cors::v3 as corsv3;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as faultv3;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcpv3;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tlsv3;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upv3;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
@@ -158,12 +159,12 @@ fn listener(l: &lv3::Listener) -> FResult<Listener> {
 }
 
 fn filter_chain(c: &lv3::FilterChain) -> FResult<FilterChain> {
-    if c.transport_socket.is_some() {
-        return bad(
-            "transport_socket",
-            "TLS termination on a filter chain is not supported yet",
-        );
-    }
+    let tls = c
+        .transport_socket
+        .as_ref()
+        .map(|t| downstream_tls(t).map_err(|e| within("transport_socket", e)))
+        .transpose()?
+        .flatten();
     let matcher = match &c.filter_chain_match {
         None => ChainMatch::default(),
         Some(m) => chain_match(m).map_err(|e| within("filter_chain_match", e))?,
@@ -185,6 +186,7 @@ fn filter_chain(c: &lv3::FilterChain) -> FResult<FilterChain> {
         name: c.name.clone(),
         matcher,
         filter,
+        tls,
     })
 }
 
@@ -917,12 +919,21 @@ fn cluster(c: &cv3::Cluster) -> FResult<Cluster> {
         }
         Err(_) => return bad("lb_policy", "unknown"),
     };
-    if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
-        return bad(
-            "transport_socket",
-            "upstream TLS (DestinationRule tls) is not supported yet",
-        );
-    }
+    let tls = c
+        .transport_socket
+        .as_ref()
+        .map(|t| upstream_tls(t).map_err(|e| within("transport_socket", e)))
+        .transpose()?
+        .flatten();
+    let transport_matches = c
+        .transport_socket_matches
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            transport_socket_match(m)
+                .map_err(|e| within(&format!("transport_socket_matches[{i}]"), e))
+        })
+        .collect::<FResult<Vec<_>>>()?;
     let outlier = c
         .outlier_detection
         .as_ref()
@@ -999,6 +1010,8 @@ fn cluster(c: &cv3::Cluster) -> FResult<Cluster> {
         inline_endpoints,
         outlier,
         source_address,
+        tls,
+        transport_matches,
     })
 }
 
@@ -1102,6 +1115,7 @@ fn endpoints(la: &ev3::ClusterLoadAssignment) -> FResult<Endpoints> {
                         | core::HealthStatus::Healthy
                         | core::HealthStatus::Degraded
                 ),
+                transport_metadata: transport_metadata(e.metadata.as_ref()),
             });
         }
     }
@@ -1109,6 +1123,411 @@ fn endpoints(la: &ev3::ClusterLoadAssignment) -> FResult<Endpoints> {
         cluster: la.cluster_name.clone(),
         endpoints: out,
     })
+}
+
+// ------------------------------------------------------------------ TLS
+
+const TLS_SOCKET: &str = "envoy.transport_sockets.tls";
+const RAW_BUFFER: &str = "envoy.transport_sockets.raw_buffer";
+/// Endpoint metadata namespace that transport_socket_matches match against.
+const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
+
+/// The TLS context inside a transport socket; `None` for plaintext (`raw_buffer`).
+fn tls_any(ts: &core::TransportSocket) -> FResult<Option<&Any>> {
+    let any = match &ts.config_type {
+        Some(core::transport_socket::ConfigType::TypedConfig(any)) => any,
+        None if ts.name == RAW_BUFFER || ts.name == "raw_buffer" => return Ok(None),
+        None => {
+            return bad(
+                "typed_config",
+                format!("transport socket {} has no config", ts.name),
+            )
+        }
+    };
+    if any.type_url.ends_with(".RawBuffer") {
+        return Ok(None);
+    }
+    if ts.name != TLS_SOCKET && ts.name != "tls" {
+        return bad(
+            "name",
+            format!(
+                "transport socket {} is not supported (only TLS and raw_buffer)",
+                ts.name
+            ),
+        );
+    }
+    Ok(Some(any))
+}
+
+fn downstream_tls(ts: &core::TransportSocket) -> FResult<Option<Arc<DownstreamTls>>> {
+    let Some(any) = tls_any(ts)? else {
+        return Ok(None);
+    };
+    let d: tlsv3::DownstreamTlsContext = unpack("typed_config", any)?;
+    let field = "typed_config";
+    if d.require_sni.as_ref().is_some_and(|b| b.value) {
+        return bad(format!("{field}.require_sni"), "not supported");
+    }
+    if d.session_ticket_keys_type.is_some() {
+        return bad(format!("{field}.session_ticket_keys"), "not supported");
+    }
+    let mut hasher = std::hash::DefaultHasher::new();
+    let common = common_tls(d.common_tls_context.as_ref(), &mut hasher)
+        .map_err(|e| within(&format!("{field}.common_tls_context"), e))?;
+    let Some(cert) = common.cert else {
+        return bad(
+            format!("{field}.common_tls_context"),
+            "a server context needs tls_certificates or the SDS secret default",
+        );
+    };
+    let spec = crate::tls::ServerSpec {
+        cert,
+        validation: common.validation,
+        require_client_certificate: d
+            .require_client_certificate
+            .as_ref()
+            .is_some_and(|b| b.value),
+        alpn: common.alpn,
+        versions: common.versions,
+    };
+    crate::tls::server_context(&spec)
+        .map(|t| Some(Arc::new(t)))
+        .or_else(|e| bad(field, e.to_string()))
+}
+
+fn upstream_tls(ts: &core::TransportSocket) -> FResult<Option<Arc<UpstreamTls>>> {
+    use std::hash::{Hash, Hasher};
+    let Some(any) = tls_any(ts)? else {
+        return Ok(None);
+    };
+    let u: tlsv3::UpstreamTlsContext = unpack("typed_config", any)?;
+    let field = "typed_config";
+    if u.auto_host_sni || u.auto_sni_san_validation {
+        return bad(
+            format!("{field}.auto_host_sni"),
+            "SNI / SAN validation from the Host header is not supported",
+        );
+    }
+    if u.allow_renegotiation {
+        return bad(
+            format!("{field}.allow_renegotiation"),
+            "TLS renegotiation is not supported",
+        );
+    }
+    let mut hasher = std::hash::DefaultHasher::new();
+    any.value.hash(&mut hasher);
+    let common = common_tls(u.common_tls_context.as_ref(), &mut hasher)
+        .map_err(|e| within(&format!("{field}.common_tls_context"), e))?;
+    let spec = crate::tls::ClientSpec {
+        cert: common.cert,
+        validation: common.validation,
+        alpn: common.alpn,
+        sni: Some(u.sni.clone()).filter(|s| !s.is_empty()),
+        versions: common.versions,
+    };
+    crate::tls::client_context(&spec, hasher.finish())
+        .map(|t| Some(Arc::new(t)))
+        .or_else(|e| bad(field, e.to_string()))
+}
+
+struct CommonTls {
+    cert: Option<crate::tls::CertSource>,
+    validation: Option<crate::tls::Validation>,
+    alpn: Vec<String>,
+    versions: crate::tls::Versions,
+}
+
+/// Bytes of a DataSource (file, inline, environment variable); file names go into the
+/// error so the operator knows which one is missing.
+fn data_source(
+    field: &str,
+    d: Option<&core::DataSource>,
+    hasher: &mut std::hash::DefaultHasher,
+) -> FResult<Vec<u8>> {
+    use core::data_source::Specifier;
+    use std::hash::Hash;
+    let bytes = match d.and_then(|d| d.specifier.as_ref()) {
+        None => return bad(field, "missing"),
+        Some(Specifier::Filename(f)) => crate::secrets::read_file(std::path::Path::new(f))
+            .or_else(|e| bad(field, e.to_string()))?,
+        Some(Specifier::InlineBytes(b)) => b.clone(),
+        Some(Specifier::InlineString(s)) => s.as_bytes().to_vec(),
+        Some(Specifier::EnvironmentVariable(v)) => std::env::var(v)
+            .map(String::into_bytes)
+            .or_else(|_| bad(field, format!("environment variable {v} is not set")))?,
+    };
+    bytes.hash(hasher);
+    Ok(bytes)
+}
+
+fn sds_name(field: &str, s: &tlsv3::SdsSecretConfig, want: &str) -> FResult<()> {
+    if s.name == want {
+        return Ok(());
+    }
+    bad(
+        field,
+        format!(
+            "SDS secret {:?} is not served in-process (only Istio's {} and {})",
+            s.name,
+            crate::secrets::SDS_DEFAULT,
+            crate::secrets::SDS_ROOTCA
+        ),
+    )
+}
+
+fn common_tls(
+    c: Option<&tlsv3::CommonTlsContext>,
+    hasher: &mut std::hash::DefaultHasher,
+) -> FResult<CommonTls> {
+    use crate::tls::{CertSource, TrustSource, Validation, Versions};
+    use tlsv3::common_tls_context::ValidationContextType as V;
+    use tlsv3::tls_parameters::TlsProtocol as P;
+    let default = tlsv3::CommonTlsContext::default();
+    let c = c.unwrap_or(&default);
+    if c.tls_certificate_provider_instance.is_some()
+        || c.custom_tls_certificate_selector.is_some()
+        || c.custom_handshaker.is_some()
+        || c.key_log.is_some()
+    {
+        return bad(
+            "tls_certificate_provider_instance",
+            "certificate providers, custom handshakers and key logs are not supported",
+        );
+    }
+    // rustls offers TLS 1.2 and 1.3 with modern suites only; cipher and curve lists can
+    // only narrow that further, so they are accepted as they are.
+    let versions = match c.tls_params.as_ref() {
+        None => Versions::Tls12And13,
+        Some(p) => {
+            let min = P::try_from(p.tls_minimum_protocol_version).unwrap_or(P::TlsAuto);
+            let max = P::try_from(p.tls_maximum_protocol_version).unwrap_or(P::TlsAuto);
+            match (min, max) {
+                (P::TlSv13, P::TlSv12 | P::TlSv11 | P::TlSv10) => {
+                    return bad("tls_params", "minimum version above maximum")
+                }
+                (P::TlSv13, _) => Versions::Tls13Only,
+                (_, P::TlSv12) => Versions::Tls12Only,
+                (_, P::TlSv11 | P::TlSv10) => {
+                    return bad(
+                        "tls_params.tls_maximum_protocol_version",
+                        "TLS below 1.2 is not supported",
+                    )
+                }
+                _ => Versions::Tls12And13,
+            }
+        }
+    };
+    let cert = match (
+        c.tls_certificates.as_slice(),
+        c.tls_certificate_sds_secret_configs.as_slice(),
+    ) {
+        ([], []) => None,
+        ([t], []) => {
+            if t.private_key_provider.is_some() || t.password.is_some() {
+                return bad(
+                    "tls_certificates[0]",
+                    "private key providers and passwords are not supported",
+                );
+            }
+            let chain = data_source(
+                "tls_certificates[0].certificate_chain",
+                t.certificate_chain.as_ref(),
+                hasher,
+            )?;
+            let key = data_source(
+                "tls_certificates[0].private_key",
+                t.private_key.as_ref(),
+                hasher,
+            )?;
+            let ck = crate::secrets::certified_key(&chain, &key, "tls_certificates[0]")
+                .or_else(|e| bad("tls_certificates[0]", e.to_string()))?;
+            Some(CertSource::Static(Arc::new(ck)))
+        }
+        ([], [s]) => {
+            sds_name(
+                "tls_certificate_sds_secret_configs[0]",
+                s,
+                crate::secrets::SDS_DEFAULT,
+            )?;
+            Some(CertSource::Workload)
+        }
+        _ => {
+            return bad(
+                "tls_certificates",
+                "exactly one certificate (file, inline or the SDS secret default) is supported",
+            )
+        }
+    };
+    let validation = match &c.validation_context_type {
+        None => None,
+        Some(V::ValidationContext(v)) => {
+            validation_context(v, None, hasher).map_err(|e| within("validation_context", e))?
+        }
+        Some(V::ValidationContextSdsSecretConfig(s)) => {
+            sds_name(
+                "validation_context_sds_secret_config",
+                s,
+                crate::secrets::SDS_ROOTCA,
+            )?;
+            Some(Validation {
+                trust: TrustSource::MeshRoot,
+                sans: Vec::new(),
+            })
+        }
+        Some(V::CombinedValidationContext(cv)) => {
+            let trust = match &cv.validation_context_sds_secret_config {
+                Some(s) => {
+                    sds_name(
+                        "combined_validation_context.validation_context_sds_secret_config",
+                        s,
+                        crate::secrets::SDS_ROOTCA,
+                    )?;
+                    Some(TrustSource::MeshRoot)
+                }
+                None => None,
+            };
+            let default = tlsv3::CertificateValidationContext::default();
+            validation_context(
+                cv.default_validation_context.as_ref().unwrap_or(&default),
+                trust,
+                hasher,
+            )
+            .map_err(|e| within("combined_validation_context.default_validation_context", e))?
+        }
+        Some(_) => {
+            return bad(
+                "validation_context_type",
+                "certificate-provider validation contexts are not supported",
+            )
+        }
+    };
+    Ok(CommonTls {
+        cert,
+        validation,
+        alpn: c.alpn_protocols.clone(),
+        versions,
+    })
+}
+
+fn validation_context(
+    v: &tlsv3::CertificateValidationContext,
+    sds_trust: Option<crate::tls::TrustSource>,
+    hasher: &mut std::hash::DefaultHasher,
+) -> FResult<Option<crate::tls::Validation>> {
+    use crate::tls::{SanKind, SanMatch, TrustSource, Validation};
+    use tlsv3::subject_alt_name_matcher::SanType;
+    if !v.verify_certificate_spki.is_empty() || !v.verify_certificate_hash.is_empty() {
+        return bad(
+            "verify_certificate_hash",
+            "certificate pinning is not supported",
+        );
+    }
+    if v.crl.is_some() {
+        return bad("crl", "CRLs are not supported");
+    }
+    if v.allow_expired_certificate {
+        return bad("allow_expired_certificate", "not supported");
+    }
+    if v.trust_chain_verification != 0 {
+        return bad(
+            "trust_chain_verification",
+            "only VERIFY_TRUST_CHAIN is supported",
+        );
+    }
+    if v.custom_validator_config.is_some()
+        || v.ca_certificate_provider_instance.is_some()
+        || v.system_root_certs.is_some()
+    {
+        return bad(
+            "custom_validator_config",
+            "custom validators, certificate providers and system roots are not supported",
+        );
+    }
+    let mut sans = Vec::new();
+    for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
+        let f = format!("match_typed_subject_alt_names[{i}]");
+        let kind = match SanType::try_from(m.san_type) {
+            Ok(SanType::Dns) => SanKind::Dns,
+            Ok(SanType::Uri) => SanKind::Uri,
+            _ => return bad(f, "only DNS and URI SANs are supported"),
+        };
+        let Some(sm) = m.matcher.as_ref() else {
+            return bad(f, "no matcher");
+        };
+        sans.push(SanMatch {
+            kind,
+            matcher: string_match(&f, sm)?,
+        });
+    }
+    // Deprecated in Envoy but still what older control planes (and Istio for gateways) send.
+    #[allow(deprecated)]
+    let untyped = &v.match_subject_alt_names;
+    for (i, sm) in untyped.iter().enumerate() {
+        sans.push(SanMatch {
+            kind: SanKind::Any,
+            matcher: string_match(&format!("match_subject_alt_names[{i}]"), sm)?,
+        });
+    }
+    let trust = match (&v.trusted_ca, sds_trust) {
+        (Some(_), Some(_)) => {
+            return bad(
+                "trusted_ca",
+                "both a trusted_ca and the SDS secret ROOTCA are set",
+            )
+        }
+        (Some(ca), None) => {
+            let pem = data_source("trusted_ca", Some(ca), hasher)?;
+            let roots = crate::secrets::roots_from_pem(&pem, "trusted_ca")
+                .and_then(|r| crate::secrets::trust_from_roots(Arc::new(r), "trusted_ca"))
+                .or_else(|e| bad("trusted_ca", e.to_string()))?;
+            TrustSource::Static(Arc::new(roots))
+        }
+        (None, Some(t)) => t,
+        (None, None) if sans.is_empty() => return Ok(None),
+        (None, None) => return bad("trusted_ca", "SAN matching needs a trusted_ca"),
+    };
+    Ok(Some(Validation { trust, sans }))
+}
+
+fn transport_socket_match(m: &cv3::cluster::TransportSocketMatch) -> FResult<TransportSocketMatch> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let mut criteria = Vec::new();
+    if let Some(st) = &m.r#match {
+        for (k, v) in &st.fields {
+            match &v.kind {
+                Some(Kind::StringValue(s)) => criteria.push((k.clone(), s.clone())),
+                _ => return bad(format!("match.{k}"), "only string values are supported"),
+            }
+        }
+    }
+    criteria.sort();
+    let tls = match &m.transport_socket {
+        None => None,
+        Some(t) => upstream_tls(t).map_err(|e| within("transport_socket", e))?,
+    };
+    Ok(TransportSocketMatch {
+        name: m.name.clone(),
+        criteria,
+        tls,
+    })
+}
+
+/// String values of the `envoy.transport_socket_match` metadata (Istio's `tlsMode`).
+fn transport_metadata(md: Option<&core::Metadata>) -> Vec<(String, String)> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let Some(st) = md.and_then(|m| m.filter_metadata.get(TRANSPORT_SOCKET_MATCH)) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, String)> = st
+        .fields
+        .iter()
+        .filter_map(|(k, v)| match &v.kind {
+            Some(Kind::StringValue(s)) => Some((k.clone(), s.clone())),
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 #[cfg(test)]
