@@ -24,6 +24,7 @@ use crate::config::{
 use crate::metrics::{destination_service, RequestLabels};
 use crate::snapshot::Snapshot;
 use crate::Shared;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -31,12 +32,13 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -58,6 +60,8 @@ pub const RETRY_BUFFER_LIMIT: usize = 1 << 20;
 /// Upstream client pools (keyed by endpoint `ip:port` inside hyper-util), one per protocol.
 pub struct Clients {
     h1: Client<HttpConnector, Body>,
+    /// Cleartext HTTP/2 to an IP endpoint; `h2` below serves what it cannot (hostnames).
+    h2c: H2Pool,
     h2: Client<HttpConnector, Body>,
     /// Pools whose connections come from Istio's inbound source address (127.0.0.6).
     inbound_h1: Client<HttpConnector, Body>,
@@ -84,6 +88,7 @@ impl Clients {
         let (inbound_h1, inbound_h2) = pools(Some(crate::INBOUND_SOURCE));
         Clients {
             h1,
+            h2c: H2Pool::default(),
             h2,
             inbound_h1,
             inbound_h2,
@@ -106,6 +111,85 @@ impl Default for Clients {
     fn default() -> Self {
         Clients::new()
     }
+}
+
+/// One multiplexed HTTP/2 connection per (endpoint, source address), as Envoy keeps by
+/// default. Not hyper-util's pool: that one names a connection by the URI's authority, which
+/// HTTP/2 also sends as `:authority`, and that must be the request's host, not the endpoint.
+/// Lookups are lock-free; a new connection is published with a copy-on-write swap.
+#[derive(Default)]
+struct H2Pool {
+    conns: ArcSwap<HashMap<(SocketAddr, Option<IpAddr>), SendRequest<Body>>>,
+}
+
+impl H2Pool {
+    async fn send(
+        &self,
+        endpoint: SocketAddr,
+        source: Option<IpAddr>,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, Failure> {
+        let key = (endpoint, source);
+        let cached = self
+            .conns
+            .load()
+            .get(&key)
+            .filter(|s| !s.is_closed())
+            .cloned();
+        let mut sender = match cached {
+            Some(s) => s,
+            None => {
+                let s = h2_connect(endpoint, source)
+                    .await
+                    .map_err(Failure::Connect)?;
+                self.conns.rcu(|m| {
+                    let mut m = HashMap::clone(m);
+                    m.insert(key, s.clone());
+                    m
+                });
+                s
+            }
+        };
+        sender
+            .ready()
+            .await
+            .map_err(|e| Failure::Reset(e.to_string()))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| Failure::Reset(e.to_string()))
+    }
+}
+
+async fn h2_connect(
+    endpoint: SocketAddr,
+    source: Option<IpAddr>,
+) -> Result<SendRequest<Body>, String> {
+    let sock = if endpoint.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| e.to_string())?;
+    if let Some(ip) = source {
+        sock.bind(SocketAddr::new(ip, 0))
+            .map_err(|e| format!("binding {ip}: {e}"))?;
+    }
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(endpoint))
+        .await
+        .map_err(|_| format!("connecting to {endpoint}: timed out"))?
+        .map_err(|e| format!("connecting to {endpoint}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake with {endpoint}: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 /// What one downstream connection knows: where its routes come from and who it talks to.
@@ -760,7 +844,17 @@ async fn forward(
         .to_string();
 
     let mut headers = parts.headers;
+    // `TE: trailers` is the one TE value a proxy passes on: gRPC servers require it.
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     strip_hop_by_hop(&mut headers);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     // Envoy answers `100 Continue` itself (hyper does when the body is first read) and does
     // not pass the expectation on.
     headers.remove(header::EXPECT);
@@ -933,7 +1027,20 @@ async fn attempt_once(
     deadline: Option<Instant>,
     retry: Option<&RetryPolicy>,
 ) -> AttemptResult {
-    let uri: Uri = match format!("http://{endpoint}{path}").parse() {
+    // Cleartext HTTP/2 to an IP: our own pool, with the request's host as `:authority`.
+    let h2c = match endpoint.parse::<SocketAddr>() {
+        Ok(addr) if cluster.config.http2 && tls.is_none() => Some(addr),
+        _ => None,
+    };
+    let mut headers = headers;
+    let target = match h2c {
+        Some(_) => headers
+            .remove(header::HOST)
+            .and_then(|h| h.to_str().ok().map(str::to_string))
+            .unwrap_or_else(|| endpoint.to_string()),
+        None => endpoint.to_string(),
+    };
+    let uri: Uri = match format!("http://{target}{path}").parse() {
         Ok(u) => u,
         Err(e) => return AttemptResult::Failed(Failure::Connect(format!("bad upstream URI: {e}"))),
     };
@@ -959,13 +1066,24 @@ async fn attempt_once(
         (g, p) => g.or(p),
     };
     // TLS upstreams (DestinationRule tls, ISTIO_MUTUAL) have their own pools.
-    let fut = match tls {
-        Some(t) => ctx
-            .shared
-            .tls_clients
-            .get(t, cluster.config.http2, cluster.config.source_address)
-            .request(req),
-        None => client.request(req),
+    let fut = async {
+        match (tls, h2c) {
+            (Some(t), _) => ctx
+                .shared
+                .tls_clients
+                .get(t, cluster.config.http2, cluster.config.source_address)
+                .request(req)
+                .await
+                .map_err(legacy_failure),
+            (None, Some(addr)) => {
+                ctx.shared
+                    .clients
+                    .h2c
+                    .send(addr, cluster.config.source_address, req)
+                    .await
+            }
+            (None, None) => client.request(req).await.map_err(legacy_failure),
+        }
     };
     let res = match limit {
         Some(l) => match tokio::time::timeout(l, fut).await {
@@ -985,8 +1103,15 @@ async fn attempt_once(
     };
     match res {
         Ok(resp) => AttemptResult::Response(resp),
-        Err(e) if e.is_connect() => AttemptResult::Failed(Failure::Connect(format!("{e:?}"))),
-        Err(e) => AttemptResult::Failed(Failure::Reset(format!("{e:?}"))),
+        Err(f) => AttemptResult::Failed(f),
+    }
+}
+
+fn legacy_failure(e: hyper_util::client::legacy::Error) -> Failure {
+    if e.is_connect() {
+        Failure::Connect(format!("{e:?}"))
+    } else {
+        Failure::Reset(format!("{e:?}"))
     }
 }
 
