@@ -217,7 +217,27 @@ fn sidecar(proxy: &Proxy, push: &PushContext) -> Vec<Listener> {
         for port in &svc.ports {
             match port.protocol {
                 p if p.is_http() => wildcard.entry(port.port).or_default().http = true,
-                Protocol::Auto => wildcard.entry(port.port).or_default().auto = true,
+                Protocol::Auto => {
+                    wildcard.entry(port.port).or_default().auto = true;
+                    // A VIP gets its own sniffing listener whose TCP fallback is the service
+                    // (not passthrough to the VIP), as Istio does: a server-first protocol
+                    // (MySQL, SMTP) never sends what HTTP detection waits for.
+                    if let Some(vip) = svc.address.filter(|v| !v.is_unspecified()) {
+                        let name = format!("{vip}_{}", port.port);
+                        let w = WildcardPort {
+                            auto: true,
+                            tcp: Some(tcp_target(proxy, push, svc, port.port)),
+                            ..Default::default()
+                        };
+                        vip_listeners
+                            .entry(name.clone())
+                            .or_insert_with(|| Listener {
+                                name,
+                                address: Some(socket_address(&vip.to_string(), port.port)),
+                                ..wildcard_listener(port.port, w, &fallback)
+                            });
+                    }
+                }
                 Protocol::Https | Protocol::Tls => {
                     let target = tls_target(proxy, push, svc, port.port);
                     let snis = vec![svc.hostname.clone()];
