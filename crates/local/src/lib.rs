@@ -569,6 +569,11 @@ fn proc_specs(sd: &Path, bins: &Bins, plan: &plan::Plan) -> Result<Vec<ProcSpec>
                 &p.service_account,
                 &p.labels,
             ));
+            argv.extend(plan::proxy_config_args(
+                &p.namespace,
+                &p.workload,
+                &p.annotations,
+            )?);
             let mut env = home.clone();
             env.extend([
                 ("POD_NAME".to_string(), p.name.clone()),

@@ -194,6 +194,8 @@ pub fn plan(m: &Manifest, bins: &Bins, can_run: &dyn Fn(&str) -> bool) -> crate:
         let ns_labels = m.namespace_labels(&w.namespace);
         let gateway = is_gateway(w);
         let sidecar = !gateway && wants_sidecar(&ns_labels, &w.labels, &w.annotations);
+        // Checked here so a bad annotation fails `up` before anything is created.
+        proxy_config_args(&w.namespace, &w.name, &w.annotations)?;
         for r in 0..w.replicas {
             let index = pods.len();
             let host = u8::try_from(usize::from(FIRST_POD_HOST) + index)
@@ -325,6 +327,8 @@ fn router_container(w: &Workload, pod: &str, ip: Ipv4Addr, bins: &Bins) -> Conta
         &w.service_account,
         &w.labels,
     ));
+    // Validated in `plan` before any pod is planned.
+    argv.extend(proxy_config_args(&w.namespace, &w.name, &w.annotations).unwrap_or_default());
     let c = w.containers.first();
     ContainerPlan {
         name: c
@@ -380,6 +384,42 @@ pub fn proxy_identity_args(
         PROXY_STATS_PORT.to_string(),
     ]);
     a
+}
+
+/// Istio's per-pod proxy settings: the `proxy.istio.io/config` annotation holds a ProxyConfig
+/// in YAML. Only `concurrency` (the proxy's worker threads) changes anything here; the other
+/// ProxyConfig fields are accepted and ignored.
+pub fn proxy_config_args(
+    ns: &str,
+    workload: &str,
+    annotations: &Labels,
+) -> crate::Result<Vec<String>> {
+    const KEY: &str = "proxy.istio.io/config";
+    let Some(text) = annotations.get(KEY) else {
+        return Ok(Vec::new());
+    };
+    let bad = |what: String| plan_err(format!("{ns}/{workload}: annotation {KEY}: {what}"));
+    let v: serde_json::Value = serde_yaml_ng::from_str(text)
+        .map_err(|e| bad(format!("not a ProxyConfig in YAML: {e}")))?;
+    if !(v.is_object() || v.is_null()) {
+        return Err(bad("not a ProxyConfig in YAML: expected a mapping".into()));
+    }
+    match v.get("concurrency") {
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(c) => {
+            let n = c
+                .as_u64()
+                .and_then(|n| u16::try_from(n).ok())
+                .ok_or_else(|| bad(format!("concurrency: {c} is not a number of threads")))?;
+            // Istio: 0 means one worker per CPU.
+            let n = if n == 0 {
+                std::thread::available_parallelism().map_or(1, |p| p.get())
+            } else {
+                usize::from(n)
+            };
+            Ok(vec!["--concurrency".into(), n.to_string()])
+        }
+    }
 }
 
 fn selects(selector: &Labels, labels: &Labels) -> bool {
@@ -693,6 +733,31 @@ pub fn command_exists(cmd: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn proxy_config_annotation_sets_concurrency() {
+        let ann =
+            |v: &str| super::Labels::from([("proxy.istio.io/config".to_string(), v.to_string())]);
+        let args = |v: &str| super::proxy_config_args("ns", "w", &ann(v));
+        assert_eq!(args("concurrency: 1").unwrap(), ["--concurrency", "1"]);
+        assert_eq!(
+            args("{\"concurrency\": 3, \"holdApplicationUntilProxyStarts\": true}").unwrap(),
+            ["--concurrency", "3"]
+        );
+        assert!(args("holdApplicationUntilProxyStarts: true")
+            .unwrap()
+            .is_empty());
+        assert_eq!(args("concurrency: 0").unwrap()[0], "--concurrency");
+        let e = args("concurrency: lots").unwrap_err().to_string();
+        assert!(
+            e.contains("ns/w") && e.contains("proxy.istio.io/config") && e.contains("concurrency"),
+            "{e}"
+        );
+        assert!(args("[1, 2]").is_err());
+        assert!(super::proxy_config_args("ns", "w", &super::Labels::new())
+            .unwrap()
+            .is_empty());
+    }
+
     use super::*;
     use crate::manifest::load_text;
 
