@@ -6,6 +6,7 @@
 //!   auto-registration plug in as more adapters).
 //! - [`push`]: the immutable [`push::PushContext`] that generators read, one per config change.
 //! - [`proxy`]: a connected proxy's identity and the workload it fronts.
+//! - [`security`]: PeerAuthentication resolution and SPIFFE identities of services.
 //! - [`authz`]: which AuthorizationPolicies / RequestAuthentications apply to a proxy, and the
 //!   JWKS the pilot fetched for them.
 
@@ -13,6 +14,7 @@ pub mod authz;
 pub mod proxy;
 pub mod push;
 pub mod registry;
+pub mod security;
 pub mod service;
 
 pub use proxy::{Proxy, ProxyType};

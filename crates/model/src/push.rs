@@ -4,6 +4,7 @@
 
 use crate::proxy::Proxy;
 use crate::registry::RegistrySnapshot;
+use crate::security::{spiffe_id, EffectiveMtls, PeerAuthnEntry, PeerAuthnIndex};
 use crate::service::{selector_matches, Endpoint, Service, Workload};
 use mizzen_config::networking as net;
 use mizzen_config::{Meta, Resource, Spec};
@@ -25,6 +26,11 @@ pub struct MeshSettings {
     pub root_namespace: String,
     pub outbound_mode: net::OutboundMode,
     pub trust_domain: String,
+    /// The pilot runs a CA and every proxy it serves has Istio's SDS secrets `default` and
+    /// `ROOTCA` (through the bootstrap's `sds-grpc` cluster): only then can generated config
+    /// refer to them (auto mTLS, ISTIO_MUTUAL, PeerAuthentication). Without a CA the mesh is
+    /// plaintext, since an SDS reference to a missing cluster would be NACKed.
+    pub ca_enabled: bool,
 }
 
 impl Default for MeshSettings {
@@ -34,6 +40,7 @@ impl Default for MeshSettings {
             root_namespace: "istio-system".into(),
             outbound_mode: net::OutboundMode::AllowAny,
             trust_domain: "cluster.local".into(),
+            ca_enabled: false,
         }
     }
 }
@@ -59,6 +66,11 @@ pub struct PushContext {
     pub resources: Arc<Vec<Resource>>,
     /// AuthorizationPolicy / RequestAuthentication and fetched JWKS (see [`crate::authz`]).
     pub authz: crate::authz::AuthzPolicies,
+    /// PeerAuthentications, resolved per workload by [`PushContext::peer_authn`].
+    pub peer_authentications: PeerAuthnIndex,
+    /// Config that is valid Istio but that Mizzen does not implement, one line per use (the
+    /// pilot logs them at each push), e.g. a DestinationRule's `credentialName`.
+    pub unsupported: Vec<String>,
 }
 
 /// `reviews` in namespace `default` -> `reviews.default.svc.cluster.local`; names with a dot
@@ -106,6 +118,7 @@ impl PushContext {
             ..Default::default()
         };
         let domain = mesh.domain.clone();
+        let mut peer_authn = Vec::new();
         for svc in registry.services {
             // First definition of a host wins (Kubernetes Services before ServiceEntries
             // would need creation time; files give us order instead).
@@ -141,6 +154,7 @@ impl PushContext {
                 Spec::DestinationRule(dr) => {
                     let mut dr = dr.clone();
                     dr.host = resolve_host(&dr.host, ns, &domain);
+                    note_unsupported_dr(&mut ctx.unsupported, &r.meta, &dr);
                     ctx.destination_rules.push(ConfigEntry {
                         meta: r.meta.clone(),
                         spec: dr,
@@ -154,6 +168,11 @@ impl PushContext {
                     meta: r.meta.clone(),
                     spec: sc.clone(),
                 }),
+                Spec::PeerAuthentication(pa) => peer_authn.push(PeerAuthnEntry {
+                    namespace: ns.clone(),
+                    name: r.meta.name.clone(),
+                    spec: pa.clone(),
+                }),
                 _ => {}
             }
         }
@@ -165,9 +184,45 @@ impl PushContext {
             }
         }
         ctx.authz = crate::authz::AuthzPolicies::index(&resources);
+        ctx.peer_authentications = PeerAuthnIndex::new(peer_authn);
         ctx.mesh = mesh;
         ctx.resources = resources;
         ctx
+    }
+
+    /// The PeerAuthentication in force for this proxy's workload (its namespace and labels).
+    pub fn peer_authn(&self, proxy: &Proxy) -> EffectiveMtls {
+        self.peer_authentications.effective(
+            &self.mesh.root_namespace,
+            &proxy.namespace,
+            proxy.effective_labels(),
+        )
+    }
+
+    /// Auto mTLS for this endpoint: a sidecar fronts it and its workload's PeerAuthentication
+    /// does not DISABLE mTLS on the endpoint's port (Istio's client then sends plaintext).
+    pub fn endpoint_accepts_mtls(&self, ep: &Endpoint) -> bool {
+        ep.has_sidecar()
+            && self
+                .peer_authentications
+                .effective(&self.mesh.root_namespace, &ep.namespace, &ep.labels)
+                .for_port(ep.port)
+                != mizzen_config::security::MtlsMode::Disable
+    }
+
+    /// The SPIFFE identities the endpoints of `host:port` run as (sorted, deduplicated): what
+    /// a client checks the server certificate's URI SAN against. Empty for a port without
+    /// endpoints, and then no SAN is checked (as Istio does).
+    pub fn service_identities(&self, host: &str, port: u16) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .endpoints(host, port)
+            .iter()
+            .filter(|e| !e.service_account.is_empty())
+            .map(|e| spiffe_id(&self.mesh.trust_domain, &e.namespace, &e.service_account))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     pub fn service(&self, hostname: &str) -> Option<&Arc<Service>> {
@@ -320,6 +375,41 @@ impl PushContext {
             }
         }
         out
+    }
+}
+
+/// DestinationRule features that are valid Istio but not implemented here.
+fn note_unsupported_dr(out: &mut Vec<String>, meta: &Meta, dr: &net::DestinationRule) {
+    let mut policies: Vec<(String, &net::TrafficPolicy)> = Vec::new();
+    if let Some(tp) = &dr.traffic_policy {
+        policies.push(("trafficPolicy".into(), tp));
+    }
+    for (i, s) in dr.subsets.iter().enumerate() {
+        if let Some(tp) = &s.traffic_policy {
+            policies.push((format!("subsets[{i}].trafficPolicy"), tp));
+        }
+    }
+    for (path, tp) in policies {
+        let tls = tp.tls.iter().map(|t| (format!("{path}.tls"), t)).chain(
+            tp.port_level_settings
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| {
+                    p.tls
+                        .as_ref()
+                        .map(|t| (format!("{path}.portLevelSettings[{i}].tls"), t))
+                }),
+        );
+        for (p, t) in tls {
+            if t.credential_name.as_deref().is_some_and(|c| !c.is_empty()) {
+                out.push(format!(
+                    "DestinationRule {}/{}: {p}.credentialName is not supported (no secret \
+                     store for sidecars yet): use caCertificates/clientCertificate/privateKey \
+                     files; the cluster is generated without TLS origination",
+                    meta.namespace, meta.name
+                ));
+            }
+        }
     }
 }
 

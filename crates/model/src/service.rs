@@ -164,6 +164,17 @@ pub struct Endpoint {
     pub healthy: bool,
 }
 
+impl Endpoint {
+    /// Istio's injector labels pods that have a sidecar `security.istio.io/tlsMode: istio`
+    /// (WorkloadEntries carry it by hand): such endpoints accept mesh mTLS.
+    pub fn has_sidecar(&self) -> bool {
+        self.labels
+            .get(crate::security::TLS_MODE_LABEL)
+            .map(String::as_str)
+            == Some(crate::security::TLS_MODE_ISTIO)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WorkloadKind {
     Pod,

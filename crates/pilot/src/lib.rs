@@ -68,6 +68,13 @@ fn build_push(
         domain: cfg.domain.clone(),
         root_namespace: cfg.root_namespace.clone(),
         outbound_mode: cfg.outbound_mode,
+        // With a CA every proxy holds a mesh certificate: mTLS config can be generated.
+        ca_enabled: cfg.secure.is_some(),
+        trust_domain: cfg
+            .secure
+            .as_ref()
+            .map(|s| s.trust_domain.clone())
+            .unwrap_or_else(|| MeshSettings::default().trust_domain),
         ..Default::default()
     };
     let reg = registry::from_resources(&resources, &cfg.domain);
@@ -75,7 +82,11 @@ fn build_push(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    PushContext::build(format!("{stamp}/{version}"), mesh, Arc::new(resources), reg)
+    let push = PushContext::build(format!("{stamp}/{version}"), mesh, Arc::new(resources), reg);
+    for what in &push.unsupported {
+        warn!(%what, "config not supported; ignored");
+    }
+    push
 }
 
 fn log_errors(store: &store::Store) {

@@ -4,7 +4,19 @@
 //! DestinationRule subset; sidecars also get `inbound|PORT||` for their own workload's ports.
 //! The fixed clusters `PassthroughCluster`, `BlackHoleCluster` and
 //! `InboundPassthroughCluster` are always present, as in Istio.
+//!
+//! Upstream TLS, in Istio's order of precedence:
+//! - a DestinationRule `tls` (top level, port level, subset) decides: DISABLE is plaintext,
+//!   SIMPLE / MUTUAL originate TLS with files (`caCertificates`, `clientCertificate`,
+//!   `privateKey`, `sni`, `subjectAltNames`; `credentialName` is reported unsupported and
+//!   left plaintext), ISTIO_MUTUAL is mesh mTLS;
+//! - otherwise auto mTLS: endpoints labelled `security.istio.io/tlsMode=istio` (a sidecar in
+//!   front) get mesh mTLS through `transport_socket_matches`, the others plaintext.
+//!
+//! Mesh mTLS (see [`super::tls`]) needs the agent's SDS secrets, so it is generated only when
+//! the pilot runs a CA ([`mizzen_model::MeshSettings::ca_enabled`]).
 
+use super::tls::{self as mtls, MATCH_DISABLED, MATCH_ISTIO};
 use super::{ads_config_source, duration, outbound_cluster_name, secs, socket_address};
 use crate::any::pack;
 use envoy_types::pb::envoy::config::cluster::v3::{self as cv3, cluster, Cluster};
@@ -14,7 +26,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as httpv3;
 use envoy_types::pb::google::protobuf::UInt32Value;
 use mizzen_config::networking as net;
-use mizzen_model::{Proxy, ProxyType, PushContext, Resolution, Service, ServicePort};
+use mizzen_model::{Endpoint, Proxy, ProxyType, PushContext, Resolution, Service, ServicePort};
 use std::collections::HashMap;
 
 pub const PASSTHROUGH: &str = "PassthroughCluster";
@@ -120,6 +132,16 @@ fn inbound_clusters(proxy: &Proxy, push: &PushContext) -> Vec<Cluster> {
         }
     }
     out
+}
+
+/// An endpoint of a service, carrying `{envoy.transport_socket_match: {tlsMode: istio}}`
+/// when a sidecar fronts it and accepts mTLS (what auto mTLS matches on).
+pub(crate) fn service_lb_endpoint(push: &PushContext, ep: &Endpoint) -> ev3::LbEndpoint {
+    let mut lb = lb_endpoint(&ep.address, ep.port, ep.weight);
+    if push.endpoint_accepts_mtls(ep) {
+        lb.metadata = Some(mtls::endpoint_tls_metadata());
+    }
+    lb
 }
 
 pub(crate) fn lb_endpoint(address: &str, port: u16, weight: u32) -> ev3::LbEndpoint {
@@ -246,7 +268,7 @@ fn outbound_cluster(
             let eps: Vec<ev3::LbEndpoint> = push
                 .endpoints(&svc.hostname, port.port)
                 .iter()
-                .map(|e| lb_endpoint(&e.address, e.port, e.weight))
+                .map(|e| service_lb_endpoint(push, e))
                 .collect();
             // LOGICAL_DNS takes exactly one host.
             let eps = if kind == cluster::DiscoveryType::LogicalDns {
@@ -344,14 +366,60 @@ fn outbound_cluster(
             pack(&opts),
         )]);
     }
-    if let Some(ts) = policy
-        .tls
-        .as_ref()
-        .and_then(|t| transport_socket(t, &svc.hostname))
-    {
-        c.transport_socket = Some(ts);
-    }
+    upstream_tls(&mut c, push, svc, port.port, subset, policy.tls.as_ref());
     c
+}
+
+/// TLS towards the cluster's endpoints: the DestinationRule's mode, else auto mTLS.
+fn upstream_tls(
+    c: &mut Cluster,
+    push: &PushContext,
+    svc: &Service,
+    port: u16,
+    subset: &str,
+    tls: Option<&net::ClientTlsSettings>,
+) {
+    let mesh = || {
+        mtls::istio_mutual_upstream(
+            mtls::mesh_sni(port, subset, &svc.hostname),
+            &push.service_identities(&svc.hostname, port),
+        )
+    };
+    match tls {
+        Some(t) => match t.mode {
+            net::ClientTlsMode::Disable => {}
+            net::ClientTlsMode::IstioMutual => {
+                if push.mesh.ca_enabled {
+                    c.transport_socket = Some(mesh());
+                }
+            }
+            net::ClientTlsMode::Simple | net::ClientTlsMode::Mutual => {
+                c.transport_socket = file_transport_socket(t, &svc.hostname);
+            }
+        },
+        // Auto mTLS. ORIGINAL_DST clusters have no endpoint metadata to match on.
+        None if push.mesh.ca_enabled
+            && svc.resolution != Resolution::Passthrough
+            && c.cluster_discovery_type
+                != Some(cluster::ClusterDiscoveryType::Type(
+                    cluster::DiscoveryType::OriginalDst as i32,
+                )) =>
+        {
+            c.transport_socket_matches = vec![
+                cluster::TransportSocketMatch {
+                    name: MATCH_ISTIO.into(),
+                    r#match: Some(mtls::tls_mode_istio()),
+                    transport_socket: Some(mesh()),
+                },
+                cluster::TransportSocketMatch {
+                    name: MATCH_DISABLED.into(),
+                    r#match: Some(Default::default()),
+                    transport_socket: Some(mtls::raw_buffer()),
+                },
+            ];
+        }
+        None => {}
+    }
 }
 
 fn apply_lb(c: &mut Cluster, lb: Option<&net::LoadBalancerSettings>) {
@@ -474,12 +542,11 @@ fn file(path: &str) -> core::DataSource {
     }
 }
 
-/// DestinationRule TLS with files (SIMPLE / MUTUAL). ISTIO_MUTUAL needs the mesh CA and
-/// SDS, which the security work adds; until then it is left plaintext.
-fn transport_socket(t: &net::ClientTlsSettings, host: &str) -> Option<core::TransportSocket> {
-    match t.mode {
-        net::ClientTlsMode::Disable | net::ClientTlsMode::IstioMutual => return None,
-        net::ClientTlsMode::Simple | net::ClientTlsMode::Mutual => {}
+/// DestinationRule TLS origination with files (SIMPLE / MUTUAL). `credentialName` (a secret
+/// the proxy would fetch) is not supported: no TLS, and the pilot reports it at each push.
+fn file_transport_socket(t: &net::ClientTlsSettings, host: &str) -> Option<core::TransportSocket> {
+    if t.credential_name.as_deref().is_some_and(|c| !c.is_empty()) {
+        return None;
     }
     let mut common = tls::CommonTlsContext::default();
     if t.mode == net::ClientTlsMode::Mutual {
@@ -493,24 +560,15 @@ fn transport_socket(t: &net::ClientTlsSettings, host: &str) -> Option<core::Tran
     }
     if t.insecure_skip_verify != Some(true) {
         if let Some(ca) = &t.ca_certificates {
-            common.validation_context_type = Some(tls::common_tls_context::ValidationContextType::ValidationContext(
-                tls::CertificateValidationContext {
-                    trusted_ca: Some(file(ca)),
-                    match_typed_subject_alt_names: t
-                        .subject_alt_names
-                        .iter()
-                        .map(|san| tls::SubjectAltNameMatcher {
-                            san_type: tls::subject_alt_name_matcher::SanType::Dns as i32,
-                            matcher: Some(envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher {
-                                match_pattern: Some(envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern::Exact(san.clone())),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        })
-                        .collect(),
-                    ..Default::default()
-                },
-            ));
+            common.validation_context_type = Some(
+                tls::common_tls_context::ValidationContextType::ValidationContext(
+                    tls::CertificateValidationContext {
+                        trusted_ca: Some(file(ca)),
+                        match_typed_subject_alt_names: mtls::san_matchers(&t.subject_alt_names),
+                        ..Default::default()
+                    },
+                ),
+            );
         }
     }
     let ctx = tls::UpstreamTlsContext {
@@ -524,8 +582,5 @@ fn transport_socket(t: &net::ClientTlsSettings, host: &str) -> Option<core::Tran
         }),
         ..Default::default()
     };
-    Some(core::TransportSocket {
-        name: "envoy.transport_sockets.tls".into(),
-        config_type: Some(core::transport_socket::ConfigType::TypedConfig(pack(&ctx))),
-    })
+    Some(mtls::transport_socket(&ctx))
 }

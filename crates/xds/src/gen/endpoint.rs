@@ -1,7 +1,8 @@
 //! EDS: the endpoints of one `outbound|PORT|SUBSET|FQDN` cluster, grouped by locality and
-//! filtered by the subset's labels.
+//! filtered by the subset's labels. Endpoints with a sidecar carry the auto mTLS metadata
+//! `envoy.transport_socket_match: {tlsMode: istio}`.
 
-use super::{cluster::lb_endpoint, parse_cluster_name};
+use super::{cluster::service_lb_endpoint, parse_cluster_name};
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as ev3;
 use mizzen_model::service::{selector_matches, Labels, Locality};
@@ -41,7 +42,7 @@ pub fn generate(
                 continue;
             }
         }
-        let mut lb = lb_endpoint(&ep.address, ep.port, ep.weight);
+        let mut lb = service_lb_endpoint(push, ep);
         lb.health_status = if ep.healthy {
             core::HealthStatus::Healthy as i32
         } else {

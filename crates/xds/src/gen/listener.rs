@@ -5,15 +5,31 @@
 //! auto-detected and TLS ports, `VIP_PORT` for TCP services), and `virtualInbound` (15006)
 //! with a filter chain per port of the proxy's own workload. Router: one listener per
 //! Gateway server port.
+//!
+//! Inbound mTLS follows the workload's PeerAuthentication (see [`mizzen_model::security`]),
+//! per target port, when the pilot runs a CA: STRICT gives each port a mesh mTLS chain
+//! (`tls` transport with ALPN `istio-peer-exchange`/`istio`, client certificate required and
+//! checked against `ROOTCA`) and a chain that closes anything else; PERMISSIVE adds the
+//! plaintext chains next to the mTLS one (the tls_inspector tells them apart); DISABLE keeps
+//! plaintext only. Inbound HTTP over mTLS passes the peer identity to the app in
+//! `x-forwarded-client-cert`, and every access log line says `connection_security_policy`
+//! (`mutual_tls` / `none`) and the peer's SPIFFE id.
+//!
+//! Not implemented: telling HTTP from TCP inside mesh mTLS on auto-detected (unnamed) ports:
+//! Istio does it with ALPN values set by its own Envoy filter (`istio.alpn`), which stock
+//! Envoy lacks, so such ports are proxied as TCP under mTLS (L7 policy needs a named port).
 
 use super::cluster::{BLACKHOLE, INBOUND_PASSTHROUGH, PASSTHROUGH};
+use super::tls as mtls;
 use super::{ads_config_source, outbound_cluster_name, secs, socket_address};
 use crate::any::pack;
 use envoy_types::pb::envoy::config::accesslog::v3 as alv3;
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::listener::v3::{self as lv3, Listener};
 use envoy_types::pb::envoy::config::route::v3 as rv3;
-use envoy_types::pb::envoy::extensions::access_loggers::file::v3::FileAccessLog;
+use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
+    file_access_log, FileAccessLog,
+};
 use envoy_types::pb::envoy::extensions::filters::http::cors::v3::Cors;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
@@ -29,7 +45,9 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 use mizzen_config::networking as net;
+use mizzen_config::security::MtlsMode;
 use mizzen_model::push::host_matches;
+use mizzen_model::security::EffectiveMtls;
 use mizzen_model::{Protocol, Proxy, ProxyType, PushContext, Service};
 use std::collections::BTreeMap;
 
@@ -71,15 +89,63 @@ fn network_filter<M: prost::Message + prost::Name>(name: &str, msg: &M) -> lv3::
     }
 }
 
-fn access_log() -> Vec<alv3::AccessLog> {
-    vec![alv3::AccessLog {
-        name: "envoy.access_loggers.file".into(),
-        config_type: Some(alv3::access_log::ConfigType::TypedConfig(pack(
-            &FileAccessLog {
-                path: "/dev/stdout".into(),
+/// Istio's default text access log format (response flags and details, upstream and
+/// downstream addresses, SNI), plus the upstream peer's identity when the proxy originated TLS.
+const LOG_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% \
+    %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% \
+    %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% \
+    %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \
+    \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" \
+    %UPSTREAM_CLUSTER_RAW% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% \
+    %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME% \
+    upstream_peer=%UPSTREAM_PEER_URI_SAN%";
+
+/// How the downstream connection of an inbound chain is secured; it names Istio's
+/// `connection_security_policy` label values in the access log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChainSecurity {
+    /// Mesh mTLS terminated by this chain.
+    MutualTls,
+    /// Plaintext (or the application's own TLS, passed through).
+    None,
+}
+
+impl ChainSecurity {
+    fn as_str(self) -> &'static str {
+        match self {
+            ChainSecurity::MutualTls => "mutual_tls",
+            ChainSecurity::None => "none",
+        }
+    }
+}
+
+/// Outbound and gateway chains log [`LOG_FORMAT`]; inbound chains add the connection's security
+/// and the downstream peer's SPIFFE id (`-` when there is none).
+fn access_log_for(security: Option<ChainSecurity>) -> Vec<alv3::AccessLog> {
+    let mut format = LOG_FORMAT.to_string();
+    if let Some(sec) = security {
+        format.push_str(&format!(
+            " connection_security_policy={} downstream_peer=%DOWNSTREAM_PEER_URI_SAN%",
+            sec.as_str()
+        ));
+    }
+    format.push('\n');
+    let text = core::SubstitutionFormatString {
+        format: Some(core::substitution_format_string::Format::TextFormatSource(
+            core::DataSource {
+                specifier: Some(core::data_source::Specifier::InlineString(format)),
                 ..Default::default()
             },
-        ))),
+        )),
+        ..Default::default()
+    };
+    let file = FileAccessLog {
+        path: "/dev/stdout".into(),
+        access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(text)),
+    };
+    vec![alv3::AccessLog {
+        name: "envoy.access_loggers.file".into(),
+        config_type: Some(alv3::access_log::ConfigType::TypedConfig(pack(&file))),
         ..Default::default()
     }]
 }
@@ -108,6 +174,18 @@ enum Routes {
 }
 
 fn http_connection_manager(stat_prefix: &str, routes: Routes, gateway: bool) -> lv3::Filter {
+    hcm_filter(stat_prefix, routes, gateway, http_filters(), None)
+}
+
+/// An HCM; `inbound` (the chain's security) adds the security to its access log and, on mesh
+/// mTLS, the caller's identity to `x-forwarded-client-cert` (Istio's inbound settings).
+fn hcm_filter(
+    stat_prefix: &str,
+    routes: Routes,
+    gateway: bool,
+    http_filters: Vec<hcm::HttpFilter>,
+    inbound: Option<ChainSecurity>,
+) -> lv3::Filter {
     let route_specifier = match routes {
         Routes::Rds(name) => hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
             config_source: Some(ads_config_source()),
@@ -119,8 +197,8 @@ fn http_connection_manager(stat_prefix: &str, routes: Routes, gateway: bool) -> 
         stat_prefix: stat_prefix.into(),
         codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
         route_specifier: Some(route_specifier),
-        http_filters: http_filters(),
-        access_log: access_log(),
+        http_filters,
+        access_log: access_log_for(inbound),
         use_remote_address: bool_value(gateway),
         normalize_path: bool_value(true),
         upgrade_configs: vec![hcm::http_connection_manager::UpgradeConfig {
@@ -130,10 +208,35 @@ fn http_connection_manager(stat_prefix: &str, routes: Routes, gateway: bool) -> 
         stream_idle_timeout: Some(secs(0)),
         ..Default::default()
     };
+    let h = if inbound == Some(ChainSecurity::MutualTls) {
+        HttpConnectionManager {
+            forward_client_cert_details:
+                hcm::http_connection_manager::ForwardClientCertDetails::AppendForward as i32,
+            set_current_client_cert_details: Some(
+                hcm::http_connection_manager::SetCurrentClientCertDetails {
+                    subject: bool_value(true),
+                    dns: true,
+                    uri: true,
+                    ..Default::default()
+                },
+            ),
+            ..h
+        }
+    } else {
+        h
+    };
     network_filter("envoy.filters.network.http_connection_manager", &h)
 }
 
 fn tcp_proxy(stat_prefix: &str, target: TcpTarget) -> lv3::Filter {
+    tcp_proxy_logged(stat_prefix, target, None)
+}
+
+fn tcp_proxy_logged(
+    stat_prefix: &str,
+    target: TcpTarget,
+    inbound: Option<ChainSecurity>,
+) -> lv3::Filter {
     let cluster_specifier = match target {
         TcpTarget::Cluster(c) => tcpv3::tcp_proxy::ClusterSpecifier::Cluster(c),
         TcpTarget::Weighted(ws) => tcpv3::tcp_proxy::ClusterSpecifier::WeightedClusters(
@@ -154,7 +257,7 @@ fn tcp_proxy(stat_prefix: &str, target: TcpTarget) -> lv3::Filter {
     let t = TcpProxy {
         stat_prefix: stat_prefix.into(),
         cluster_specifier: Some(cluster_specifier),
-        access_log: access_log(),
+        access_log: access_log_for(inbound),
         ..Default::default()
     };
     network_filter("envoy.filters.network.tcp_proxy", &t)
@@ -470,10 +573,133 @@ fn route_target(push: &PushContext, dests: &[net::RouteDestination], port: u16) 
     )
 }
 
+/// The inbound side of one workload port, as the inbound chain builders see it.
+struct InboundPort {
+    /// The workload (target) port.
+    port: u16,
+    protocol: Protocol,
+}
+
+impl InboundPort {
+    fn cluster(&self) -> String {
+        format!("inbound|{}||", self.port)
+    }
+
+    fn stat(&self) -> String {
+        format!("inbound_0.0.0.0_{}", self.port)
+    }
+
+    /// The network filters of one inbound chain: the HCM (HTTP ports) or a TCP proxy to the
+    /// app. The one place inbound filter lists are assembled; authorization/authentication
+    /// filters are added to every inbound chain afterwards by `rbac::with_inbound_authz`.
+    fn filters(&self, http: bool, security: ChainSecurity) -> Vec<lv3::Filter> {
+        if http {
+            vec![hcm_filter(
+                &self.stat(),
+                Routes::Inline(Box::new(inbound_route(self.port, &self.cluster()))),
+                false,
+                http_filters(),
+                Some(security),
+            )]
+        } else {
+            vec![tcp_proxy_logged(
+                &self.stat(),
+                TcpTarget::Cluster(self.cluster()),
+                Some(security),
+            )]
+        }
+    }
+
+    fn port_match(&self, transport: &str, alpn: Vec<String>) -> Option<lv3::FilterChainMatch> {
+        Some(lv3::FilterChainMatch {
+            destination_port: Some(UInt32Value {
+                value: u32::from(self.port),
+            }),
+            transport_protocol: transport.into(),
+            application_protocols: alpn,
+            ..Default::default()
+        })
+    }
+
+    /// Plaintext chains: by protocol, with HTTP detection on auto ports.
+    fn plaintext_chains(&self) -> Vec<lv3::FilterChain> {
+        let cluster = self.cluster();
+        let none = ChainSecurity::None;
+        match self.protocol {
+            p if p.is_http() => vec![chain(
+                &cluster,
+                self.port_match("", vec![]),
+                self.filters(true, none),
+            )],
+            Protocol::Auto => vec![
+                chain(
+                    &format!("{cluster}_http"),
+                    self.port_match("", http_protocols()),
+                    self.filters(true, none),
+                ),
+                chain(
+                    &format!("{cluster}_tcp"),
+                    self.port_match("", vec![]),
+                    self.filters(false, none),
+                ),
+            ],
+            _ => vec![chain(
+                &cluster,
+                self.port_match("", vec![]),
+                self.filters(false, none),
+            )],
+        }
+    }
+
+    /// The mesh mTLS chain. HTTP is known only on named HTTP ports (see the module doc).
+    fn mtls_chain(&self) -> lv3::FilterChain {
+        let http = self.protocol.is_http();
+        let alpn: &[&str] = if http { &["h2", "http/1.1"] } else { &[] };
+        lv3::FilterChain {
+            name: format!("{}_mtls", self.cluster()),
+            filter_chain_match: self.port_match("tls", mesh_alpn()),
+            filters: self.filters(http, ChainSecurity::MutualTls),
+            transport_socket: Some(mtls::istio_mutual_downstream(alpn)),
+            ..Default::default()
+        }
+    }
+}
+
+fn mesh_alpn() -> Vec<String> {
+    mtls::ALPN_IN_MESH.iter().map(|s| s.to_string()).collect()
+}
+
+/// Refuses what reaches it: a TCP proxy to the cluster without endpoints.
+fn refuse_chain(name: &str, filter_chain_match: Option<lv3::FilterChainMatch>) -> lv3::FilterChain {
+    chain(
+        name,
+        filter_chain_match,
+        vec![tcp_proxy_logged(
+            name,
+            TcpTarget::Cluster(BLACKHOLE.into()),
+            Some(ChainSecurity::None),
+        )],
+    )
+}
+
+/// The mTLS mode of a port of this proxy: PeerAuthentication when the mesh has a CA (only then
+/// do proxies hold certificates), else plaintext.
+fn inbound_mode(push: &PushContext, policy: &EffectiveMtls, port: Option<u16>) -> MtlsMode {
+    if !push.mesh.ca_enabled {
+        return MtlsMode::Disable;
+    }
+    match port {
+        Some(p) => policy.for_port(p),
+        None => policy.mode,
+    }
+}
+
 fn virtual_inbound(proxy: &Proxy, push: &PushContext) -> Listener {
     let mut chains = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     let mut any_http = false;
+    let mut any_tls = false;
+    let policy = push.peer_authn(proxy);
     for (svc, eps) in push.proxy_services(proxy) {
         for sp in &svc.ports {
             // The target port this service port lands on in this workload.
@@ -487,46 +713,26 @@ fn virtual_inbound(proxy: &Proxy, push: &PushContext) -> Listener {
             if !seen.insert(ep.port) {
                 continue;
             }
-            let cluster = format!("inbound|{}||", ep.port);
-            let stat = format!("inbound_0.0.0.0_{}", ep.port);
-            let port_match = |protos: Vec<String>| {
-                Some(lv3::FilterChainMatch {
-                    destination_port: Some(UInt32Value {
-                        value: u32::from(ep.port),
-                    }),
-                    application_protocols: protos,
-                    ..Default::default()
-                })
+            let ip = InboundPort {
+                port: ep.port,
+                protocol: sp.protocol,
             };
-            let hcm_filter = || {
-                http_connection_manager(
-                    &stat,
-                    Routes::Inline(Box::new(inbound_route(ep.port, &cluster))),
-                    false,
-                )
-            };
-            match sp.protocol {
-                p if p.is_http() => {
-                    chains.push(chain(&cluster, port_match(vec![]), vec![hcm_filter()]));
-                }
-                Protocol::Auto => {
-                    any_http = true;
-                    chains.push(chain(
-                        &format!("{cluster}_http"),
-                        port_match(http_protocols()),
-                        vec![hcm_filter()],
-                    ));
-                    chains.push(chain(
-                        &format!("{cluster}_tcp"),
-                        port_match(vec![]),
-                        vec![tcp_proxy(&stat, TcpTarget::Cluster(cluster.clone()))],
+            any_http |= sp.protocol == Protocol::Auto;
+            match inbound_mode(push, &policy, Some(ep.port)) {
+                MtlsMode::Strict => {
+                    any_tls = true;
+                    chains.push(ip.mtls_chain());
+                    chains.push(refuse_chain(
+                        &format!("{}_plaintext_refused", ip.cluster()),
+                        ip.port_match("", vec![]),
                     ));
                 }
-                _ => chains.push(chain(
-                    &cluster,
-                    port_match(vec![]),
-                    vec![tcp_proxy(&stat, TcpTarget::Cluster(cluster.clone()))],
-                )),
+                MtlsMode::Permissive | MtlsMode::Unset => {
+                    any_tls = true;
+                    chains.push(ip.mtls_chain());
+                    chains.extend(ip.plaintext_chains());
+                }
+                MtlsMode::Disable => chains.extend(ip.plaintext_chains()),
             }
         }
     }
@@ -534,20 +740,52 @@ fn virtual_inbound(proxy: &Proxy, push: &PushContext) -> Listener {
         "envoy.filters.listener.original_dst",
         &OriginalDst::default(),
     )];
+    // Ports no service names: passed through to the original destination, under the
+    // workload-level mode (mTLS terminated first when it says so, as Istio does).
+    let workload_mode = inbound_mode(push, &policy, None);
+    if workload_mode != MtlsMode::Disable {
+        any_tls = true;
+        chains.push(lv3::FilterChain {
+            name: "InboundPassthroughFilterChain_mtls".into(),
+            filter_chain_match: Some(lv3::FilterChainMatch {
+                transport_protocol: "tls".into(),
+                application_protocols: mesh_alpn(),
+                ..Default::default()
+            }),
+            filters: vec![tcp_proxy_logged(
+                INBOUND_PASSTHROUGH,
+                TcpTarget::Cluster(INBOUND_PASSTHROUGH.into()),
+                Some(ChainSecurity::MutualTls),
+            )],
+            transport_socket: Some(mtls::istio_mutual_downstream(&[])),
+            ..Default::default()
+        });
+    }
+    if any_tls {
+        listener_filters.push(listener_filter(
+            "envoy.filters.listener.tls_inspector",
+            &TlsInspector::default(),
+        ));
+    }
     if any_http {
         listener_filters.push(listener_filter(
             "envoy.filters.listener.http_inspector",
             &HttpInspector::default(),
         ));
     }
-    let passthrough = chain(
-        "InboundPassthroughFilterChain",
-        None,
-        vec![tcp_proxy(
-            INBOUND_PASSTHROUGH,
-            TcpTarget::Cluster(INBOUND_PASSTHROUGH.into()),
-        )],
-    );
+    let passthrough = if workload_mode == MtlsMode::Strict {
+        refuse_chain("InboundPassthroughFilterChain", None)
+    } else {
+        chain(
+            "InboundPassthroughFilterChain",
+            None,
+            vec![tcp_proxy_logged(
+                INBOUND_PASSTHROUGH,
+                TcpTarget::Cluster(INBOUND_PASSTHROUGH.into()),
+                Some(ChainSecurity::None),
+            )],
+        )
+    };
     if chains.is_empty() {
         chains.push(passthrough.clone());
     }

@@ -7,6 +7,7 @@ pub mod jwt;
 pub mod listener;
 pub mod rbac;
 pub mod route;
+pub mod tls;
 
 use crate::any;
 use envoy_types::pb::envoy::config::core::v3 as core;
