@@ -23,6 +23,7 @@ from lib.procs import wait_until
 from lib.protocols import (MIXED_CASE_REPLY, GrpcEchoBackend, H2Backend, RawHttpBackend, WsEchoBackend,
                            http_exchange)
 from lib.router import CONFIGS, PROXY_KINDS, RouterMesh, render, router_mesh
+from lib.traffic import echo
 
 RAW_IP, WS_IP, GRPC_IP, H2_IP = "127.0.0.17", "127.0.0.18", "127.0.0.19", "127.0.0.20"
 
@@ -114,6 +115,25 @@ def test_streamed_response_arrives_before_the_backend_finishes(mesh: RouterMesh)
     finally:
         mesh.raw.release(tag)
         conn.close()
+
+
+def test_retries_resend_a_streamed_body(mesh: RouterMesh):
+    """The body streams upstream, and a copy within the retry buffer is what each retry
+    sends again: 4 attempts (retries: attempts 3) each with all the bytes. A body beyond the
+    buffer (1 MiB in Envoy and in the native proxy) streams once and is not retried."""
+    tag = uuid.uuid4().hex
+    body = bytes(range(256)) * 400  # 100 KiB
+    r = mesh.gw.session.post(f"http://127.0.0.1:{mesh.gateway_port}/status/503/{tag}", data=body, timeout=20,
+                             headers={"Host": "retry.example.com"})
+    assert r.status_code == 503
+    assert echo(r)["headers"]["content-length"] == str(len(body))
+    assert mesh.b["web-v1"].count(f"/status/503/{tag}") == 4, "1 try + 3 retries, each with the body"
+
+    big = b"y" * (2 << 20)
+    r = mesh.gw.session.post(f"http://127.0.0.1:{mesh.gateway_port}/status/503/big-{tag}", data=big, timeout=20,
+                             headers={"Host": "retry.example.com"})
+    assert r.status_code == 503
+    assert mesh.b["web-v1"].count(f"/status/503/big-{tag}") == 1, "over the retry buffer: no retry"
 
 
 def test_expect_100_continue(mesh: RouterMesh):

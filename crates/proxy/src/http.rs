@@ -119,8 +119,11 @@ impl Default for Clients {
 /// Lookups are lock-free; a new connection is published with a copy-on-write swap.
 #[derive(Default)]
 struct H2Pool {
-    conns: ArcSwap<HashMap<(SocketAddr, Option<IpAddr>), SendRequest<Body>>>,
+    conns: ArcSwap<HashMap<H2Key, SendRequest<Body>>>,
 }
+
+/// An upstream HTTP/2 connection's identity: endpoint and source address.
+type H2Key = (SocketAddr, Option<IpAddr>);
 
 impl H2Pool {
     async fn send(
@@ -1361,14 +1364,16 @@ impl hyper::body::Body for Tee {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         let replay: u64 = self.replay.iter().map(|b| b.len() as u64).sum();
-        let mut hint = self
+        let rest = self
             .rest
             .as_ref()
             .map_or_else(|| hyper::body::SizeHint::with_exact(0), |r| r.size_hint());
-        hint.set_lower(hint.lower() + replay);
-        if let Some(u) = hint.upper() {
+        // Upper first: set_lower must never exceed it.
+        let mut hint = hyper::body::SizeHint::new();
+        if let Some(u) = rest.upper() {
             hint.set_upper(u + replay);
         }
+        hint.set_lower(rest.lower() + replay);
         hint
     }
 }
@@ -1490,6 +1495,70 @@ mod tests {
             })
             .count();
         assert!((2_700..3_300).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn upgrade_needs_connection_upgrade_on_http11() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert_eq!(
+            upgrade_protocol(&h, Version::HTTP_11),
+            None,
+            "no Connection: upgrade"
+        );
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert_eq!(
+            upgrade_protocol(&h, Version::HTTP_11),
+            Some(HeaderValue::from_static("websocket"))
+        );
+        assert_eq!(upgrade_protocol(&h, Version::HTTP_2), None);
+        h.remove(header::UPGRADE);
+        assert_eq!(upgrade_protocol(&h, Version::HTTP_11), None);
+    }
+
+    #[tokio::test]
+    async fn a_replayed_body_is_sent_again_and_handed_back() {
+        let (a, b) = (Bytes::from_static(b"abc"), Bytes::from_static(b"def"));
+        let (tx, rx) = oneshot::channel();
+        let tee = Tee {
+            replay: [a.clone(), b.clone()].into_iter().collect(),
+            kept: Some(vec![a, b]),
+            kept_len: 6,
+            rest: None,
+            back: Some(tx),
+        };
+        assert_eq!(tee.size_hint().exact(), Some(6));
+        assert!(!tee.is_end_stream());
+        let sent = tee.collect().await.map(|c| c.to_bytes()).ok();
+        assert_eq!(sent.as_deref(), Some(&b"abcdef"[..]));
+        let left = rx.await.ok();
+        let kept: Vec<u8> = left
+            .iter()
+            .flat_map(|l| l.kept.iter().flat_map(|k| k.to_vec()))
+            .collect();
+        assert_eq!(kept, b"abcdef");
+        assert!(left.is_some_and(|l| l.rest.is_none()));
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_retry_buffer_is_not_handed_back() {
+        let (tx, rx) = oneshot::channel();
+        let mut tee = Tee {
+            replay: VecDeque::new(),
+            kept: Some(Vec::new()),
+            kept_len: 0,
+            rest: None,
+            back: Some(tx),
+        };
+        tee.keep(&Bytes::from(vec![0u8; RETRY_BUFFER_LIMIT]));
+        assert!(tee.kept.is_some(), "exactly the limit still fits");
+        tee.keep(&Bytes::from_static(b"x"));
+        assert!(tee.kept.is_none());
+        drop(tee);
+        assert!(rx.await.is_err(), "nothing to replay");
     }
 
     #[test]
