@@ -7,7 +7,8 @@
 //!   new [`snapshot::Snapshot`] atomically after every response.
 //! - [`listener`]: binds the snapshot's listeners, hands `virtualOutbound` connections to the
 //!   listener of their original destination, picks a filter chain.
-//! - [`http`] (HTTP/1.1 + h2c, Envoy's router semantics) or [`tcp`] (byte copy).
+//! - [`http`] (HTTP/1.1 with Upgrade/WebSocket + h2c, gRPC, Envoy's router semantics) or
+//!   [`tcp`] (byte copy).
 //! - [`cluster`]: load balancing over the cluster's endpoints.
 //! - [`admin`] + [`metrics`]: the admin port, `/healthz/ready` and `/stats/prometheus`.
 //!
@@ -17,8 +18,9 @@
 //! enforced): downstream/upstream TLS (gateway SIMPLE/MUTUAL, ISTIO_MUTUAL, SDS), SNI parsing
 //! for filter-chain selection, RING_HASH / MAGLEV, priorities and locality weighting,
 //! circuit-breaker thresholds and connection-pool limits (accepted, not enforced),
-//! WebSocket/Upgrade, streaming request bodies (buffered for retries), HTTP/2 upstream
-//! `:authority`, JWT claim matching, `httpsRedirect`, IP_TRANSPARENT (TPROXY), 127.0.0.6 as the
+//! the HCM's `upgrade_configs` (read nowhere: every `Upgrade` is tunnelled, the pilot always
+//! allows websocket), HTTP/2 upstream `:authority` to hostname (STRICT_DNS) endpoints,
+//! request trailers on a retry, JWT claim matching, `httpsRedirect`, IP_TRANSPARENT (TPROXY), 127.0.0.6 as the
 //! inbound source, access-log lines in Envoy's format, source_* / destination_workload
 //! metric labels, TCP metrics, `/logging`.
 
