@@ -185,17 +185,19 @@ def test_h2c_downstream_with_h2load(mesh: RouterMesh):
     assert "Application protocol: h2c" in cp.stdout, cp.stdout
 
 
-def test_http2_upstream_carries_the_authority(mesh: RouterMesh):
-    """A port named http2: the cluster speaks HTTP/2 to a server that only speaks h2c, with
-    the request's host as :authority, over few multiplexed connections."""
+@pytest.mark.parametrize("host", ["h2.example.com", "h2up.example.com"])
+def test_http2_upstream_carries_the_authority(mesh: RouterMesh, host):
+    """A port named http2, and a port named http with DestinationRule h2UpgradePolicy
+    UPGRADE: the cluster speaks HTTP/2 to a server that only speaks h2c, with the request's
+    host as :authority, over few multiplexed connections."""
     before = len(mesh.h2.seen)
     for i in range(20):
-        r = mesh.gw.get("h2.example.com", f"/h2/{i}")
+        r = mesh.gw.get(host, f"/h2/{i}")
         assert r.status_code == 200, (r.status_code, r.text[:200])
-        assert r.json()["authority"] == "h2.example.com", r.json()
+        assert r.json()["authority"] == host, r.json()
     seen = mesh.h2.seen[before:]
     assert len(seen) == 20
-    assert {a for a, _ in seen} == {"h2.example.com"}
+    assert {a for a, _ in seen} == {host}
     assert len({c for _, c in seen}) <= 4, seen
 
 
