@@ -6,7 +6,9 @@
 //! publish it on a `watch` channel that every xDS stream follows. Also serves the monitoring
 //! port (15014): `/ready`, `/metrics`, `/debug/syncz`, `/debug/configz`.
 
+pub mod authz;
 pub mod ca_server;
+pub mod jwks;
 pub mod monitor;
 pub mod store;
 
@@ -31,6 +33,8 @@ pub enum PilotError {
     Bind(SocketAddr, std::io::Error),
     #[error(transparent)]
     Secure(#[from] ca_server::SecureError),
+    #[error(transparent)]
+    Jwks(#[from] jwks::JwksError),
     #[error("xDS server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -95,6 +99,15 @@ fn log_errors(store: &store::Store) {
     }
 }
 
+/// Fetch the jwksUris the push needs for the first time, put the JWKS snapshot into it, and
+/// report the security config it does not enforce.
+async fn with_jwks(mut push: PushContext, resolver: &jwks::JwksResolver) -> PushContext {
+    resolver.ensure(&push.authz.jwks_uris()).await;
+    push.authz.jwks = resolver.snapshot();
+    authz::report(&push);
+    push
+}
+
 /// Run the pilot until the process is stopped.
 pub async fn run(cfg: PilotConfig) -> Result<(), PilotError> {
     if !cfg.config_dir.is_dir() {
@@ -108,7 +121,9 @@ pub async fn run(cfg: PilotConfig) -> Result<(), PilotError> {
     st.reload(&cfg.config_dir);
     log_errors(&st);
     let mut version = 1u64;
-    let push = build_push(&cfg, version, st.resources());
+    let resolver = Arc::new(jwks::JwksResolver::new(jwks::refresh_interval_from_env()?));
+    let resources = st.resources();
+    let push = with_jwks(build_push(&cfg, version, resources), &resolver).await;
     info!(
         resources = push.resources.len(),
         services = push.services.len(),
@@ -130,6 +145,7 @@ pub async fn run(cfg: PilotConfig) -> Result<(), PilotError> {
 
     // File watching: notify's callback runs on its own thread; it only pokes a channel.
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<()>();
+    let ev_tx_jwks = ev_tx.clone();
     let mut watcher =
         notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
             Ok(ev) if !ev.kind.is_access() => {
@@ -148,6 +164,30 @@ pub async fn run(cfg: PilotConfig) -> Result<(), PilotError> {
         .map_err(|e| PilotError::Bind(cfg.monitoring_addr, e))?;
     tokio::spawn(monitor::serve(mon_listener, shared.clone()));
 
+    // JWKS refresh: fetch every jwksUri in use again; new keys mean a new push, through the
+    // debounce loop like a file change.
+    let jwks_dirty = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (resolver, dirty, ev, rx) = (
+            resolver.clone(),
+            jwks_dirty.clone(),
+            ev_tx_jwks.clone(),
+            shared.push.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(resolver.refresh).await;
+                let uris = rx.borrow().authz.jwks_uris();
+                if resolver.refresh(&uris).await {
+                    dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+                    if ev.send(()).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    let resolver_dbg = resolver.clone();
     let debounce_cfg = cfg.clone();
     let shared_dbg = shared.clone();
     tokio::spawn(async move {
@@ -164,20 +204,22 @@ pub async fn run(cfg: PilotConfig) -> Result<(), PilotError> {
                 }
             }
             let t = Instant::now();
+            let jwks_changed = jwks_dirty.swap(false, std::sync::atomic::Ordering::SeqCst);
             let resources = {
                 let Ok(mut st) = shared_dbg.store.lock() else {
                     return;
                 };
                 let changed = st.reload(&debounce_cfg.config_dir);
                 log_errors(&st);
-                if !changed {
+                if !changed && !jwks_changed {
                     continue;
                 }
                 st.resources()
             };
             version += 1;
             // Built outside every lock; streams pick it up from the watch channel.
-            let push = build_push(&debounce_cfg, version, resources);
+            let push =
+                with_jwks(build_push(&debounce_cfg, version, resources), &resolver_dbg).await;
             info!(
                 version = %push.version,
                 services = push.services.len(),

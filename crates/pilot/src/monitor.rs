@@ -118,6 +118,10 @@ fn handle(req: Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full
                 "ignored_objects": st.ignored,
             }))
         }
+        "/debug/authorizationz" => {
+            let push = shared.push.borrow().clone();
+            json(&crate::authz::debug_json(&push))
+        }
         "/debug/push_status" | "/debug/pushz" => {
             let push = shared.push.borrow().clone();
             json(&serde_json::json!({
@@ -133,7 +137,7 @@ fn handle(req: Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /ready, /metrics, /debug/syncz, /debug/configz, /debug/push_status\n"
+            "not found; try /ready, /metrics, /debug/syncz, /debug/configz, /debug/push_status, /debug/authorizationz\n"
                 .into(),
         ),
     }
