@@ -689,6 +689,27 @@ impl Connection {
             let removals = type_url != any::CLUSTER;
             if !removals {
                 cluster_names = Some(generated.iter().map(|n| n.name.clone()).collect());
+                // An updated EDS cluster warms until it gets a ClusterLoadAssignment, and Envoy
+                // does not ask again for a name it already subscribes to: resend the endpoints
+                // of every changed cluster (else a DestinationRule edit stalls ~15 s).
+                let changed: Vec<String> = self
+                    .types
+                    .get(any::CLUSTER)
+                    .map(|st| {
+                        generated
+                            .iter()
+                            .filter(|n| {
+                                st.sent.get(&n.name).map(|(h, _)| h) != Some(&hash_any(&n.resource))
+                            })
+                            .map(|n| n.name.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if let Some(eds) = self.types.get_mut(any::ENDPOINT) {
+                    for n in &changed {
+                        eds.sent.remove(n);
+                    }
+                }
             }
             if !self
                 .delta_send(type_url, generated, removals, false, tx)
