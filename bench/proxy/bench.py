@@ -283,7 +283,8 @@ def pilot_extra(args):
 
 # ------------------------------------------------------------------------------------- load
 def oha(args, url, rate, duration, http2=False):
-    argv = ["taskset", "-c", "1", args.oha, "--no-tui", "--output-format", "json",
+    # -w: requests in flight at the deadline complete instead of counting as errors.
+    argv = ["taskset", "-c", "1", args.oha, "--no-tui", "--output-format", "json", "-w",
             "-z", f"{duration}s", "-c", str(args.conns)]
     if rate:
         argv += ["-q", str(rate), "--latency-correction"]
@@ -293,7 +294,10 @@ def oha(args, url, rate, duration, http2=False):
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
     if out.returncode != 0:
         raise RuntimeError(f"oha failed ({out.returncode}): {out.stderr[-2000:]}")
-    j = json.loads(out.stdout)
+    return parse_oha(json.loads(out.stdout))
+
+
+def parse_oha(j):
     codes = j.get("statusCodeDistribution", {})
     ok = int(codes.get("200", 0))
     total = sum(int(v) for v in codes.values())
@@ -333,12 +337,27 @@ def main():
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--services", type=int, default=1000)
     ap.add_argument("--no-http2", action="store_true")
+    ap.add_argument("--two-hop", default="plain",
+                    help="two-hop sidecar path through `mizzen local`: plain, mtls, plain,mtls or none")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--phase", choices=("single", "two-hop", "all"), default="all",
+                    help="single: the one-hop figures (run.sh runs it in a private network namespace); "
+                         "two-hop: the sidecar path through `mizzen local` (host namespace), merged into --out")
     args = ap.parse_args()
     rates = [int(x) for x in args.rates.split(",") if x]
 
     workdir = tempfile.mkdtemp(prefix="mizzen-bench-proxy-")
     log(f"workdir {workdir}")
+    if args.phase == "two-hop":
+        with open(args.out) as f:
+            res = json.load(f)
+        for mode in [m for m in args.two_hop.split(",") if m in ("plain", "mtls")]:
+            res[f"two_hop_{mode}"] = two_hop(args, workdir, rates, mode == "mtls")
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(report(res))
+        shutil.rmtree(workdir, ignore_errors=True)
+        return
     procs = []
     res = {"machine": machine(), "args": vars(args), "runs": [], "http2": [], "rss": {}}
     try:
@@ -402,10 +421,14 @@ def main():
                 p.stop()
             except Exception as e:  # keep stopping the rest
                 log(f"stopping {p.name}: {e}")
+    if args.phase == "all":
+        for mode in [m for m in args.two_hop.split(",") if m in ("plain", "mtls")]:
+            res[f"two_hop_{mode}"] = two_hop(args, workdir, rates, mode == "mtls")
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
-    print(report(res))
     shutil.rmtree(workdir, ignore_errors=True)
+    if args.phase == "all":
+        print(report(res))  # with --phase single, run.sh adds the two-hop figures, then reports
 
 
 def big_config_rss(args, workdir):
@@ -430,6 +453,187 @@ def big_config_rss(args, workdir):
     finally:
         pilot.stop()
     log("RSS with", args.services, "services, MiB:", out)
+    return out
+
+
+# ------------------------------------------------------------------------------------- two hops
+def two_hop_manifest(dirpath, nginx_bin, nginx_dir, mtls):
+    """A client pod and a backend pod (nginx), both with sidecars of one worker (Istio's
+    proxy.istio.io/config annotation), as `mizzen local` runs them: network namespaces on a
+    bridge, real capture rules, the pilot embedded."""
+    os.makedirs(dirpath, exist_ok=True)
+    conf = nginx_conf(nginx_dir, "pod-backend", 8080)
+    # Inside the pod nginx listens on every address, runs unprivileged, and may write its dir.
+    with open(conf) as f:
+        text = f.read().replace("listen 127.0.0.1:8080;", "listen 0.0.0.0:8080;")
+    with open(conf, "w") as f:
+        f.write(text)
+    for root, dirs, files in os.walk(os.path.join(nginx_dir, "pod-backend")):
+        for n in dirs + files:
+            os.chmod(os.path.join(root, n), 0o777)
+    os.chmod(os.path.join(nginx_dir, "pod-backend"), 0o777)
+    policy = ""
+    if mtls:
+        policy = """---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: bench}
+spec: {mtls: {mode: STRICT}}
+"""
+    with open(os.path.join(dirpath, "two-hop.yaml"), "w") as f:
+        f.write(f"""apiVersion: v1
+kind: Namespace
+metadata: {{name: bench, labels: {{istio-injection: enabled}}}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: backend, namespace: bench}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: backend}}}}
+  template:
+    metadata:
+      labels: {{app: backend, version: v1}}
+      annotations: {{proxy.istio.io/config: "concurrency: 1"}}
+    spec:
+      containers:
+      - name: nginx
+        image: nginx
+        command: ["{nginx_bin}", "-c", "{conf}"]
+        ports: [{{containerPort: 8080, name: http}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: backend, namespace: bench}}
+spec:
+  selector: {{app: backend}}
+  ports: [{{name: http, port: 8080, targetPort: 8080}}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: client, namespace: bench}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: client}}}}
+  template:
+    metadata:
+      labels: {{app: client, version: v1}}
+      annotations: {{proxy.istio.io/config: "concurrency: 1"}}
+    spec:
+      containers:
+      - {{name: client, image: curl, command: ["sleep", "infinity"]}}
+{policy}""")
+
+
+def find_pids(*needles):
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in argv]
+        if all(n in text for n in needles):
+            out.append(int(d))
+    return out
+
+
+class Sidecars:
+    """The two sidecars of the two-hop path (client and backend pods); for Envoy, the envoy
+    processes under their agents."""
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.pids = []
+        for pod in ("client-0", "backend-0"):
+            agents = [p for p in find_pids("proxy", "sidecar", "--pod-name", pod)
+                      if os.path.basename(os.readlink(f"/proc/{p}/exe")) == "mizzen"]
+            if len(agents) != 1:
+                raise RuntimeError(f"expected one sidecar for {pod}, found {agents}")
+            if kind == "envoy":
+                kids = [k for k in children(agents[0])
+                        if os.path.basename(os.readlink(f"/proc/{k}/exe")) == "envoy"]
+                if len(kids) != 1:
+                    raise RuntimeError(f"no envoy under the agent of {pod}")
+                self.pids += kids
+            else:
+                self.pids += agents
+
+    def cpu(self):
+        return sum(cpu_secs(p) for p in self.pids)
+
+    def mem(self):
+        ms = [mem(p) for p in self.pids]
+        return {k: sum(m[k] for m in ms) for k in ("VmRSS", "VmHWM")}
+
+
+def two_hop(args, workdir, rates, mtls):
+    """Per run and proxy kind: `mizzen local up` (pinned to core 0), oha from the client pod
+    (core 1) to the backend Service through both sidecars, `mizzen local down`."""
+    os.chmod(workdir, 0o755)  # the pods' nginx (unprivileged) reads its config below it
+    out = []
+    for run in range(args.runs):
+        one = {}
+        for kind in (("envoy", "native") if run % 2 == 0 else ("native", "envoy")):
+            state = os.path.join(workdir, f"local-{kind}")
+            manifest = os.path.join(workdir, f"two-hop-{kind}")
+            two_hop_manifest(manifest, args.nginx, os.path.join(workdir, f"nginx-{kind}"), mtls)
+            env = dict(os.environ, MIZZEN_LOCAL_STATE_DIR=state, NO_COLOR="1")
+            up = ["taskset", "-c", "0", args.mizzen, "local", "up", manifest, "--proxy", kind, "--timeout", "120"]
+            if kind == "envoy":
+                up += ["--envoy", args.envoy]
+            try:
+                r = subprocess.run(up, env=env, capture_output=True, text=True, timeout=200)
+                if r.returncode != 0:
+                    raise RuntimeError(f"mizzen local up --proxy {kind} failed: {r.stderr[-3000:]}")
+                sc = Sidecars(kind)
+                st = json.loads(subprocess.run([args.mizzen, "local", "status", "--json"], env=env,
+                                               capture_output=True, text=True, timeout=60, check=True).stdout)
+                cip = next(x["cluster_ip"] for x in st["services"] if x["name"] == "backend")
+                netns = next(x["netns"] for x in st["pods"] if x["name"] == "client-0")
+                url = f"http://{cip}:8080/"
+                # oha's resolver looks even an IP literal up through the search domains of the
+                # pod's resolv.conf (ndots:5, no cluster DNS in the local mesh): each start
+                # would wait for DNS timeouts. Inside the client pod's network namespace (so its
+                # capture rules apply), a resolv.conf with ndots:0 is mounted for oha alone.
+                resolv = os.path.join(workdir, "resolv.conf")
+                with open(resolv, "w") as f:
+                    f.write("nameserver 127.0.0.1\noptions ndots:0 timeout:1 attempts:1\n")
+
+                def load(rate, duration):
+                    cmd = [args.oha, "--no-tui", "--output-format", "json", "-w", "-z", f"{duration}s",
+                           "-c", str(args.conns)]
+                    if rate:
+                        cmd += ["-q", str(rate), "--latency-correction"]
+                    argv = ["ip", "netns", "exec", netns, "unshare", "-m", "sh", "-c",
+                            f'mount --bind "{resolv}" /etc/resolv.conf && exec taskset -c 1 "$@"', "oha",
+                            *cmd, url]
+                    c0 = sc.cpu()
+                    o = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=duration + 60)
+                    c1 = sc.cpu()
+                    if o.returncode != 0:
+                        raise RuntimeError(f"oha in the client pod failed: {o.stderr[-2000:]}")
+                    x = parse_oha(json.loads(o.stdout))
+                    x["cpu_ms_per_1000"] = (c1 - c0) * 1e6 / max(x["ok"], 1)
+                    log(f"two-hop {kind:6} {'mtls' if mtls else 'plain'} rate={rate or 'max':>5}: {x['rps']:8.0f} rps "
+                        f"p50={x['p50_us']:7.0f}us p90={x['p90_us']:7.0f}us cpu/1000={x['cpu_ms_per_1000']:6.1f}ms "
+                        f"ok={x['ok']} bad={x['non_200'] + x['errors']}")
+                    return x
+
+                load(1000, 2)  # warm-up
+                res = {str(rate): load(rate, args.duration) for rate in rates}
+                res["max"] = load(None, args.duration)
+                res["rss_after"] = sc.mem()["VmRSS"]
+                one["mizzen" if kind == "native" else "envoy"] = res
+            finally:
+                d = subprocess.run([args.mizzen, "local", "down"], env=env, capture_output=True, text=True,
+                                   timeout=120)
+                if d.returncode != 0:
+                    log(f"mizzen local down failed: {d.stderr[-2000:]}")
+        out.append(one)
     return out
 
 
@@ -508,6 +712,28 @@ def report(res):
             lines.append(f"| {s} | {cell(mx[s])} | {cell(spread(series(kind, s, 'max', 'rps')))}% | "
                          f"{cell(med(series(kind, s, 'max', 'p99_us')))} | {bad} |")
         lines.append(f"\nMizzen / Envoy throughput: {ratio(mx['mizzen'], mx['envoy'])} (bar: ≥ 1.50×).")
+    for mode in ("plain", "mtls"):
+        th = res.get(f"two_hop_{mode}")
+        if not th:
+            continue
+        lines.append(f"\n#### Two hops (client sidecar -> server sidecar, {'mTLS' if mode == 'mtls' else 'plaintext'}), "
+                     "through `mizzen local` with capture; CPU is both sidecars\n")
+        lines.append("| system | rate | p50 µs | p90 µs | p99 µs | CPU ms / 1000 req | rps | failed |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        figs = {}
+        for s_ in ("envoy", "mizzen"):
+            for key in [k for k in th[0][s_] if k != "rss_after"]:
+                xs = [r[s_][key] for r in th if s_ in r]
+                f = {k: med([x[k] for x in xs]) for k in ("p50_us", "p90_us", "p99_us", "cpu_ms_per_1000", "rps")}
+                figs[(s_, key)] = f
+                bad = sum(x["non_200"] + x["errors"] for x in xs)
+                lines.append(f"| {s_} | {key} | {cell(f['p50_us'])} | {cell(f['p90_us'])} | {cell(f['p99_us'])} | "
+                             f"{cell(f['cpu_ms_per_1000'], 1)} | {cell(f['rps'])} | {bad} |")
+        for key in [k for k in th[0]["envoy"] if k not in ("rss_after", "max")]:
+            e, z = figs[("envoy", key)], figs[("mizzen", key)]
+            lines.append(f"\nAt {key} rps, Mizzen / Envoy: p50 {ratio(z['p50_us'], e['p50_us'])}, "
+                         f"p90 {ratio(z['p90_us'], e['p90_us'])}, CPU {ratio(z['cpu_ms_per_1000'], e['cpu_ms_per_1000'])}.")
+        lines.append(f"Max throughput Mizzen / Envoy: {ratio(figs[('mizzen', 'max')]['rps'], figs[('envoy', 'max')]['rps'])}.")
     rss = res["rss"]
     lines.append("\n#### Memory (RSS, MiB)\n")
     lines.append("| system | idle | peak under load (VmHWM) | sidecar with %s services |" % rss.get("services", "–"))
