@@ -346,6 +346,36 @@ mod tests {
     }
 
     #[test]
+    fn transport_follows_the_endpoint_tls_mode() {
+        let spec = crate::tls::ClientSpec {
+            cert: None,
+            validation: None,
+            alpn: Vec::new(),
+            sni: None,
+            versions: crate::tls::Versions::Tls12And13,
+        };
+        let tls = Arc::new(crate::tls::client_context(&spec, 7).unwrap());
+        let mut c = cluster(LbPolicy::RoundRobin);
+        c.transport_matches = vec![
+            crate::config::TransportSocketMatch {
+                name: "tlsMode-istio".into(),
+                criteria: vec![("tlsMode".into(), "istio".into())],
+                tls: Some(tls),
+            },
+            crate::config::TransportSocketMatch {
+                name: "tlsMode-disabled".into(),
+                criteria: Vec::new(),
+                tls: None,
+            },
+        ];
+        let mut sidecar = ep("10.0.0.1", 1, true);
+        sidecar.transport_metadata = vec![("tlsMode".into(), "istio".into())];
+        let lb = ClusterLb::new(c, vec![sidecar, ep("10.0.0.2", 1, true)]);
+        assert_eq!(lb.tls_for(&lb.hosts[0]).map(|t| t.key), Some(7));
+        assert!(lb.tls_for(&lb.hosts[1]).is_none());
+    }
+
+    #[test]
     fn least_request_prefers_idle_hosts() {
         let lb = ClusterLb::new(
             cluster(LbPolicy::LeastRequest),

@@ -883,6 +883,71 @@ mod tests {
         assert_eq!(parse_client_hello(b"GET / HTTP/1.1\r\n"), Parsed::Invalid);
     }
 
+    fn identity(uri: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+        (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    }
+
+    /// One handshake over loopback between our two sides; the client expects `want_san`.
+    async fn handshake(want_san: &str) -> io::Result<Security> {
+        let (cert, key) = identity("spiffe://cluster.local/ns/a/sa/server");
+        let ck = secrets::certified_key(cert.as_bytes(), key.as_bytes(), "test").unwrap();
+        let server = server_context(&ServerSpec {
+            cert: CertSource::Static(Arc::new(ck)),
+            validation: None,
+            require_client_certificate: false,
+            alpn: vec!["istio".into()],
+            versions: Versions::Tls13Only,
+        })
+        .unwrap();
+        let trust = secrets::trust_from_pem(&cert, "test").unwrap();
+        let client = client_context(
+            &ClientSpec {
+                cert: None,
+                validation: Some(Validation {
+                    trust: TrustSource::Static(Arc::new(trust)),
+                    sans: vec![SanMatch {
+                        kind: SanKind::Uri,
+                        matcher: StringMatch::Exact {
+                            value: want_san.into(),
+                            ignore_case: false,
+                        },
+                    }],
+                }),
+                alpn: vec!["istio".into()],
+                sni: Some("outbound_.80_._.a.svc".into()),
+                versions: Versions::Tls13Only,
+            },
+            1,
+        )
+        .unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?;
+        let srv = tokio::spawn(async move {
+            let (s, _) = l.accept().await?;
+            accept(s, &server, &["istio".to_string()]).await.map(|_| ())
+        });
+        let r = connect(TcpStream::connect(addr).await?, &client).await;
+        let _ = srv.await;
+        r.map(|(_, sec)| sec)
+    }
+
+    #[tokio::test]
+    async fn upstream_checks_the_peer_san_not_the_sni() {
+        let ok = handshake("spiffe://cluster.local/ns/a/sa/server")
+            .await
+            .unwrap();
+        assert_eq!(
+            ok.peer_principal.as_deref(),
+            Some("spiffe://cluster.local/ns/a/sa/server")
+        );
+        assert!(handshake("spiffe://cluster.local/ns/a/sa/other")
+            .await
+            .is_err());
+    }
+
     #[test]
     fn server_names() {
         assert!(server_name_matches("*.example.com", "a.b.example.com"));

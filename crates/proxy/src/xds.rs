@@ -87,6 +87,9 @@ pub struct XdsClient {
     pub endpoint: String,
     pub mode: Mode,
     pub shared: Arc<Shared>,
+    /// Mesh root (PEM) when the pilot is reached on its TLS port (the CA address is the
+    /// discovery address, as in the agent): verified against it and istiod's name.
+    pub tls_root: Option<String>,
 }
 
 /// One resource of a response, whichever stream variant carried it.
@@ -141,10 +144,22 @@ impl XdsClient {
     }
 
     async fn channel(&self) -> Result<tonic::transport::Channel, XdsError> {
-        tonic::transport::Endpoint::from_shared(self.endpoint.clone())
+        let mut endpoint = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
             .map_err(|_| XdsError::Uri(self.endpoint.clone()))?
             .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        if let Some(root) = &self.tls_root {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(root))
+                .domain_name(mizzen_ca::client::PILOT_SAN);
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|source| XdsError::Connect {
+                    address: self.endpoint.clone(),
+                    source,
+                })?;
+        }
+        endpoint
             .connect()
             .await
             .map_err(|source| XdsError::Connect {

@@ -1577,6 +1577,153 @@ mod tests {
         assert!(e.contains("route.retry_policy.retry_priority"), "{e}");
     }
 
+    fn sds(name: &str) -> tlsv3::SdsSecretConfig {
+        tlsv3::SdsSecretConfig {
+            name: name.into(),
+            sds_config: None,
+        }
+    }
+
+    /// What the pilot emits for auto mTLS (Istio's shape).
+    fn istio_mutual(cert_secret: &str) -> core::TransportSocket {
+        use tlsv3::common_tls_context::{
+            CombinedCertificateValidationContext, ValidationContextType,
+        };
+        let ctx = tlsv3::UpstreamTlsContext {
+            sni: "outbound_.8000_._.back.default.svc.cluster.local".into(),
+            common_tls_context: Some(tlsv3::CommonTlsContext {
+                alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+                tls_certificate_sds_secret_configs: vec![sds(cert_secret)],
+                validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+                    CombinedCertificateValidationContext {
+                        default_validation_context: Some(tlsv3::CertificateValidationContext {
+                            match_typed_subject_alt_names: vec![tlsv3::SubjectAltNameMatcher {
+                                san_type: tlsv3::subject_alt_name_matcher::SanType::Uri as i32,
+                                matcher: Some(matcher::StringMatcher {
+                                    match_pattern: Some(
+                                        matcher::string_matcher::MatchPattern::Exact(
+                                            "spiffe://cluster.local/ns/default/sa/back".into(),
+                                        ),
+                                    ),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        }),
+                        validation_context_sds_secret_config: Some(sds("ROOTCA")),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        core::TransportSocket {
+            name: TLS_SOCKET.into(),
+            config_type: Some(core::transport_socket::ConfigType::TypedConfig(Any {
+                type_url: <tlsv3::UpstreamTlsContext as prost::Name>::type_url(),
+                value: ctx.encode_to_vec(),
+            })),
+        }
+    }
+
+    fn auto_mtls_cluster(cert_secret: &str) -> cv3::Cluster {
+        use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+        let tls_mode = Struct {
+            fields: [(
+                "tlsMode".to_string(),
+                Value {
+                    kind: Some(Kind::StringValue("istio".into())),
+                },
+            )]
+            .into(),
+        };
+        cv3::Cluster {
+            name: "outbound|8000||back.default.svc.cluster.local".into(),
+            cluster_discovery_type: Some(cv3::cluster::ClusterDiscoveryType::Type(
+                cv3::cluster::DiscoveryType::Eds as i32,
+            )),
+            transport_socket_matches: vec![
+                cv3::cluster::TransportSocketMatch {
+                    name: "tlsMode-istio".into(),
+                    r#match: Some(tls_mode),
+                    transport_socket: Some(istio_mutual(cert_secret)),
+                },
+                cv3::cluster::TransportSocketMatch {
+                    name: "tlsMode-disabled".into(),
+                    r#match: Some(Struct::default()),
+                    transport_socket: Some(core::TransportSocket {
+                        name: RAW_BUFFER.into(),
+                        config_type: None,
+                    }),
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn auto_mtls_transport_socket_matches() {
+        let c = Cluster::try_from(&auto_mtls_cluster("default")).unwrap();
+        assert_eq!(c.transport_matches.len(), 2);
+        let istio = &c.transport_matches[0];
+        assert_eq!(istio.criteria, vec![("tlsMode".into(), "istio".into())]);
+        let tls = istio.tls.as_ref().unwrap();
+        assert_eq!(
+            tls.sni.as_deref(),
+            Some("outbound_.8000_._.back.default.svc.cluster.local")
+        );
+        assert_eq!(tls.alpn, vec!["istio-peer-exchange", "istio"]);
+        assert!(c.transport_matches[1].tls.is_none());
+        assert!(c.tls.is_none());
+        // Same context, same pool key; a different one, another key.
+        let again = Cluster::try_from(&auto_mtls_cluster("default")).unwrap();
+        assert_eq!(
+            again.transport_matches[0].tls.as_ref().unwrap().key,
+            tls.key
+        );
+    }
+
+    #[test]
+    fn unknown_sds_secret_is_rejected_with_its_path() {
+        let e = Cluster::try_from(&auto_mtls_cluster("kubernetes://gw-cred"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("transport_socket_matches[0].transport_socket.typed_config.common_tls_context.tls_certificate_sds_secret_configs[0]"),
+            "{e}"
+        );
+        assert!(e.contains("kubernetes://gw-cred"), "{e}");
+    }
+
+    #[test]
+    fn endpoint_tls_mode_metadata_is_kept() {
+        use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+        let md = core::Metadata {
+            filter_metadata: [(
+                TRANSPORT_SOCKET_MATCH.to_string(),
+                Struct {
+                    fields: [(
+                        "tlsMode".to_string(),
+                        Value {
+                            kind: Some(Kind::StringValue("istio".into())),
+                        },
+                    )]
+                    .into(),
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            transport_metadata(Some(&md)),
+            vec![("tlsMode".to_string(), "istio".to_string())]
+        );
+        assert!(transport_metadata(None).is_empty());
+    }
+
     #[test]
     fn regex_path_is_anchored() {
         let r = FullRegex::new("/items/[0-9]+").unwrap();
