@@ -444,7 +444,15 @@ def big_config_rss(args, workdir):
             p = start_proxy(args, system, "sidecar", pilot, workdir, {"app": "svc-0", "version": "v1"},
                             "svc-0-0", "bench", "10.10.0.1", name=f"{system}-sidecar-big")
             try:
-                time.sleep(3)
+                # Ready means the first complete config; let endpoints and memory settle
+                # (bounded): RSS steady within 1% over one second.
+                last, deadline = p.mem()["VmRSS"], time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    time.sleep(1)
+                    now = p.mem()["VmRSS"]
+                    if abs(now - last) <= 0.01 * last:
+                        break
+                    last = now
                 out[system] = p.mem()["VmRSS"]
                 if system == "envoy":
                     out["envoy_agent"] = p.agent_mem()["VmRSS"]
