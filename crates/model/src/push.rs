@@ -29,7 +29,7 @@ pub struct MeshSettings {
     /// The pilot runs a CA and every proxy it serves has Istio's SDS secrets `default` and
     /// `ROOTCA` (through the bootstrap's `sds-grpc` cluster): only then can generated config
     /// refer to them (auto mTLS, ISTIO_MUTUAL, PeerAuthentication). Without a CA the mesh is
-    /// plaintext, since an SDS reference to a missing cluster would be NACKed.
+    /// plaintext: no proxy would have certificates to present.
     pub ca_enabled: bool,
 }
 
