@@ -59,11 +59,14 @@ def make_leaf(d: Path, ca: str, name: str, sans: list[str], usage: str) -> None:
 class TlsBackend:
     """An HTTPS server recording the SNI and path of every request it serves."""
 
-    def __init__(self, certs: Path):
+    def __init__(self, certs: Path, require_client_cert: bool = False):
         self.seen: list[dict] = []
         self._lock = threading.Lock()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(certs / "server.pem", certs / "server-key.pem")
+        if require_client_cert:
+            ctx.load_verify_locations(certs / "ca.pem")
+            ctx.verify_mode = ssl.CERT_REQUIRED
         sni: dict[int, str | None] = {}
 
         def on_sni(sock, name, _ctx):
@@ -80,9 +83,11 @@ class TlsBackend:
 
             def do_GET(self):
                 body = json.dumps({"path": self.path, "tls": True}).encode()
+                peer = self.connection.getpeercert() or {}
+                uris = [v for k, v in peer.get("subjectAltName", ()) if k == "URI"]
                 with backend._lock:
                     backend.seen.append({"path": self.path, "sni": sni.get(id(self.connection)),
-                                         "version": self.connection.version()})
+                                         "version": self.connection.version(), "client": uris})
                 self.send_response(200)
                 self.send_header("x-backend", "tls-backend")
                 self.send_header("content-length", str(len(body)))
@@ -201,15 +206,50 @@ spec:
       caCertificates: {{CERTS}}/other-ca.pem
       sni: secure.internal.example
 ---
+# MUTUAL origination: our client certificate from files, to a server that requires one.
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: mutual
+  namespace: default
+spec:
+  hosts: [mutual.internal.example]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports:
+  - {number: 443, name: http-tls, protocol: HTTP}
+  endpoints:
+  - address: 127.0.0.1
+    ports: {http-tls: {{MUTUAL_BACKEND_PORT}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: mutual
+  namespace: default
+spec:
+  host: mutual.internal.example
+  trafficPolicy:
+    tls:
+      mode: MUTUAL
+      clientCertificate: {{CERTS}}/client.pem
+      privateKey: {{CERTS}}/client-key.pem
+      caCertificates: {{CERTS}}/ca.pem
+      sni: secure.internal.example
+---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata:
   name: origination
   namespace: default
 spec:
-  hosts: [origin.example.com, badca.example.com]
+  hosts: [origin.example.com, badca.example.com, mutual.example.com]
   gateways: [tls-gw]
   http:
+  - match:
+    - authority: {exact: mutual.example.com}
+    route:
+    - destination: {host: mutual.internal.example, port: {number: 443}}
   - match:
     - authority: {exact: badca.example.com}
     route:
@@ -252,16 +292,18 @@ def mesh(mizzen_bin, tmp_path_factory):
               "clientAuth")
     app = Backend("app", "v1", "127.0.0.1", 0).start()
     tls_backend = TlsBackend(certs)
+    mutual_backend = TlsBackend(certs, require_client_cert=True)
     pilot = proxy = None
     try:
         values = {"HTTP_PORT": free_port("0.0.0.0"), "SIMPLE_PORT": free_port("0.0.0.0"),
                   "MUTUAL_PORT": free_port("0.0.0.0"), "CERTS": certs, "APP_PORT": app.port,
-                  "TLS_BACKEND_PORT": tls_backend.port}
+                  "TLS_BACKEND_PORT": tls_backend.port, "MUTUAL_BACKEND_PORT": mutual_backend.port}
         pilot = Pilot(mizzen_bin, work, {"tls.yaml": render(CONFIG, values)}, name="pilot-tls").start()
         proxy = NativeProxy(mizzen_bin, "router", pilot.xds_address, "ingress-tls-0", "istio-system",
                             ROUTER_IP, {"istio": "ingressgateway"}, work).start()
         wait_acked(pilot, proxy.node_id)
-        m = Mesh(work=work, certs=certs, app=app, tls_backend=tls_backend, pilot=pilot, proxy=proxy,
+        m = Mesh(work=work, certs=certs, app=app, tls_backend=tls_backend, mutual_backend=mutual_backend,
+                 pilot=pilot, proxy=proxy,
                  **{k.lower(): v for k, v in values.items() if k.endswith("_PORT")})
         wait_until(lambda: m.curl("simple.example.com", m.simple_port, "/",
                                   "--cacert", str(certs / "ca.pem")).stdout.startswith("200"),
@@ -274,6 +316,7 @@ def mesh(mizzen_bin, tmp_path_factory):
             pilot.stop()
         app.stop()
         tls_backend.stop()
+        mutual_backend.stop()
 
 
 def test_gateway_simple_tls_verifies_and_negotiates_alpn(mesh):
@@ -322,6 +365,13 @@ def test_tls_origination_to_an_external_tls_backend(mesh):
                      timeout=10)
     assert r.status_code == 503, (r.status_code, r.text[:300])
     assert "/badca" not in mesh.tls_backend.paths()
+    # MUTUAL: the backend requires a client certificate from our CA and gets the file one.
+    r = requests.get(f"http://127.0.0.1:{mesh.http_port}/mutual", headers={"host": "mutual.example.com"},
+                     timeout=10)
+    assert r.status_code == 200 and r.headers.get("x-backend") == "tls-backend", (r.status_code, r.text[:300])
+    seen = [s for s in mesh.mutual_backend.seen if s["path"] == "/mutual"]
+    assert len(seen) == 1 and seen[0]["client"] == ["spiffe://cluster.local/ns/default/sa/curl"], \
+        mesh.mutual_backend.seen
 
 
 def test_missing_certificate_file_is_nacked_and_the_rest_keeps_serving(mesh):
