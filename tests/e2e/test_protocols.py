@@ -201,6 +201,16 @@ def test_http2_upstream_carries_the_authority(mesh: RouterMesh, host):
     assert len({c for _, c in seen}) <= 4, seen
 
 
+def test_http2_upstream_reconnects_after_the_server_closes(mesh: RouterMesh):
+    for i in range(3):
+        assert mesh.gw.get("h2.example.com", f"/before/{i}").status_code == 200
+    assert mesh.h2.drop_connections() >= 1
+    # The proxy opens a new connection; a request that raced the close is reset and retried
+    # (the route retries on reset), so none fails.
+    codes = [mesh.gw.get("h2.example.com", f"/after/{i}").status_code for i in range(5)]
+    assert codes == [200] * 5, codes
+
+
 def _channel(mesh: RouterMesh, authority: str):
     import grpc
     return grpc.insecure_channel(f"127.0.0.1:{mesh.gateway_port}",

@@ -139,28 +139,42 @@ impl H2Pool {
             .get(&key)
             .filter(|s| !s.is_closed())
             .cloned();
-        let mut sender = match cached {
-            Some(s) => s,
-            None => {
-                let s = h2_connect(endpoint, source)
-                    .await
-                    .map_err(Failure::Connect)?;
-                self.conns.rcu(|m| {
-                    let mut m = HashMap::clone(m);
-                    m.insert(key, s.clone());
-                    m
-                });
-                s
+        let mut sender = cached;
+        if let Some(s) = sender.as_mut() {
+            // A cached connection may have gone away since (GOAWAY, idle close).
+            if s.ready().await.is_err() {
+                sender = None;
             }
+        }
+        let mut sender = match sender {
+            Some(s) => s,
+            None => self.connect(key).await?,
         };
-        sender
-            .ready()
-            .await
-            .map_err(|e| Failure::Reset(e.to_string()))?;
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| Failure::Reset(e.to_string()))
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok(resp),
+            Err(mut e) => match e.take_message() {
+                // It never reached the connection (closing under us): once more on a new one.
+                Some(req) => self
+                    .connect(key)
+                    .await?
+                    .send_request(req)
+                    .await
+                    .map_err(|e| Failure::Reset(e.to_string())),
+                None => Err(Failure::Reset(e.into_error().to_string())),
+            },
+        }
+    }
+
+    /// A new connection, ready for a request, published for the next ones.
+    async fn connect(&self, key: H2Key) -> Result<SendRequest<Body>, Failure> {
+        let mut s = h2_connect(key.0, key.1).await.map_err(Failure::Connect)?;
+        s.ready().await.map_err(|e| Failure::Reset(e.to_string()))?;
+        self.conns.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.insert(key, s.clone());
+            m
+        });
+        Ok(s)
     }
 }
 

@@ -86,7 +86,7 @@ class EnvoyProxy:
             cwd = self.workdir
         self.proc = Proc(self.name, self.argv(), self.workdir / f"{self.name}.log", env=env, cwd=cwd)
         try:
-            wait_until(lambda: self.http_get(self.status_port, "/healthz/ready")[0] == 200, ready_timeout,
+            wait_until(self.ready, ready_timeout,
                        what=f"{self.name} GET :{self.status_port}/healthz/ready = 200", proc=self.proc)
         except BaseException:
             self.stop()  # the caller never gets this object to stop it
@@ -96,6 +96,13 @@ class EnvoyProxy:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()
+
+    def ready(self) -> bool:
+        """``/healthz/ready`` on the status port answers 200 (the agent: Envoy has its config)."""
+        try:
+            return self.http_get(self.status_port, "/healthz/ready")[0] == 200
+        except (OSError, requests.RequestException):
+            return False
 
     # --- HTTP to the proxy's own ports (inside its netns when it has one) -----------------
     def http_get(self, port: int, path: str, timeout: float = 3.0) -> tuple[int, str]:

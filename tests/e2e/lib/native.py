@@ -58,8 +58,7 @@ class NativeProxy:
         env.setdefault("RUST_LOG", "info")
         self.proc = Proc(self.name, self.argv(), self.workdir / f"{self.name}.log", env=env, cwd=self.workdir)
         try:
-            wait_until(lambda: self.get(self.status_port, "/healthz/ready").status_code == 200 or None,
-                       ready_timeout,
+            wait_until(self.ready, ready_timeout,
                        what=f"{self.name} GET :{self.status_port}/healthz/ready = 200", proc=self.proc)
         except BaseException:
             self.stop()  # the caller never gets this object to stop it
@@ -69,6 +68,13 @@ class NativeProxy:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()
+
+    def ready(self) -> bool:
+        """``/healthz/ready`` on the status port answers 200 (first complete config applied)."""
+        try:
+            return self.get(self.status_port, "/healthz/ready").status_code == 200
+        except (OSError, requests.RequestException):
+            return False
 
     def get(self, port: int, path: str, timeout: float = 3.0) -> "_Resp":
         """GET on one of the proxy's own ports (inside its netns when it has one)."""

@@ -213,6 +213,7 @@ class H2Backend:
         self.name = name
         self.seen: list[tuple[str, int]] = []
         self._conns = 0
+        self._open: list[socket.socket] = []
         self._lock = threading.Lock()
         backend = self
 
@@ -221,6 +222,7 @@ class H2Backend:
                 with backend._lock:
                     backend._conns += 1
                     conn_id = backend._conns
+                    backend._open.append(self.request)
                 sock = self.request
                 conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=False))
                 conn.initiate_connection()
@@ -254,6 +256,17 @@ class H2Backend:
         self.server = _Server((host, port), Handler)
         self.host, self.port = self.server.server_address[:2]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True, name=f"h2-{name}")
+
+    def drop_connections(self) -> int:
+        """Close every connection accepted so far (as a restarting server would)."""
+        with self._lock:
+            socks, self._open = self._open, []
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return len(socks)
 
     def start(self) -> "H2Backend":
         self.thread.start()
