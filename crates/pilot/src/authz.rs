@@ -4,6 +4,7 @@
 
 use mizzen_config::security::AuthzAction;
 use mizzen_model::PushContext;
+use std::collections::BTreeMap;
 use tracing::warn;
 
 /// One line per policy part that is accepted but not enforced.
@@ -61,8 +62,11 @@ pub fn report(push: &PushContext) {
     }
 }
 
-/// `/debug/authorizationz`.
-pub fn debug_json(push: &PushContext) -> serde_json::Value {
+/// `/debug/authorizationz`; `jwks` is the resolver's live state (fetch errors included).
+pub fn debug_json(
+    push: &PushContext,
+    jwks: &BTreeMap<String, mizzen_model::authz::JwksEntry>,
+) -> serde_json::Value {
     let policies: Vec<serde_json::Value> = push
         .authz
         .authorization
@@ -90,9 +94,7 @@ pub fn debug_json(push: &PushContext) -> serde_json::Value {
             })
         })
         .collect();
-    let jwks: serde_json::Map<String, serde_json::Value> = push
-        .authz
-        .jwks
+    let jwks: serde_json::Map<String, serde_json::Value> = jwks
         .iter()
         .map(|(uri, e)| {
             (

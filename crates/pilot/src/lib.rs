@@ -61,6 +61,8 @@ pub struct Shared {
     pub discovery: Discovery,
     pub registry: prometheus_client::registry::Registry,
     pub config_dir: PathBuf,
+    /// Live JWKS fetch state (a push only carries it when keys change).
+    pub jwks: Arc<jwks::JwksResolver>,
 }
 
 fn build_push(
@@ -141,6 +143,7 @@ pub async fn run(cfg: PilotConfig) -> Result<(), PilotError> {
         discovery: discovery.clone(),
         registry,
         config_dir: cfg.config_dir.clone(),
+        jwks: resolver.clone(),
     });
 
     // File watching: notify's callback runs on its own thread; it only pokes a channel.

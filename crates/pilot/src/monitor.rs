@@ -120,7 +120,7 @@ fn handle(req: Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full
         }
         "/debug/authorizationz" => {
             let push = shared.push.borrow().clone();
-            json(&crate::authz::debug_json(&push))
+            json(&crate::authz::debug_json(&push, &shared.jwks.snapshot()))
         }
         "/debug/push_status" | "/debug/pushz" => {
             let push = shared.push.borrow().clone();

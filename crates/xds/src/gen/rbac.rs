@@ -237,7 +237,16 @@ impl Filter {
 
     /// `envoy.extensions.filters.http.rbac.v3.RBAC` (rules = 1, shadow_rules = 2).
     pub(crate) fn http(&self) -> Any {
+        let audit = self.action == rbacv3::rbac::Action::Log;
         let head = HttpRbac {
+            // AUDIT (LOG) never blocks, so its allowed/denied counters say nothing: per-rule
+            // counters under its own prefix show which audit rules matched.
+            rules_stat_prefix: if audit {
+                "istio_audit_".into()
+            } else {
+                String::new()
+            },
+            track_per_rule_stats: audit,
             shadow_rules_stat_prefix: self
                 .shadow
                 .as_ref()
