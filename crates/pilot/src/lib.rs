@@ -4,7 +4,9 @@
 //! changes (Istio's PILOT_DEBOUNCE_AFTER), reload the [`store::Store`] (last good version of
 //! every resource stays in force), build a new immutable `PushContext` outside any lock and
 //! publish it on a `watch` channel that every xDS stream follows. Also serves the monitoring
-//! port (15014): `/ready`, `/metrics`, `/debug/syncz`, `/debug/configz`.
+//! port (15014): `/ready`, `/metrics`, `/debug/syncz`, `/debug/configz`,
+//! `/debug/authorizationz`. RequestAuthentication `jwksUri`s are fetched here ([`jwks`]) and
+//! inlined into the proxies' config; a refresh with new keys triggers a push.
 
 pub mod authz;
 pub mod ca_server;
