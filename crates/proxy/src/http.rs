@@ -14,7 +14,9 @@
 //! `Expect: 100-continue` is answered by the proxy (hyper sends `100 Continue` when the body
 //! is first read) and not forwarded; `Upgrade` (WebSocket) requests become a byte tunnel once
 //! the upstream answers `101`; header name case is preserved on HTTP/1 hops both ways.
-//! Upstream connections are pooled per endpoint by hyper-util's client.
+//! Upstream connections are pooled per endpoint: HTTP/1 keep-alive by hyper-util's client,
+//! cleartext HTTP/2 by `H2Pool` (one multiplexed connection per endpoint, the request's
+//! host as `:authority`, `TE: trailers` kept for gRPC).
 
 use crate::cluster::{random_below, random_u64, ClusterLb};
 use crate::config::{
