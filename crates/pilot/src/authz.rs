@@ -111,3 +111,72 @@ pub fn debug_json(
         "unsupported": unsupported(push),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mizzen_model::MeshSettings;
+    use std::sync::Arc;
+
+    #[test]
+    fn custom_experimental_targeted_and_keyless_issuers_are_reported() {
+        let yaml = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext, namespace: foo}
+spec:
+  action: CUSTOM
+  provider: {name: opa}
+  rules: [{}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: exp, namespace: foo}
+spec:
+  rules:
+  - when:
+    - key: experimental.envoy.filters.network.mysql_proxy[db.table]
+      values: ["[update]"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: waypoint, namespace: foo}
+spec:
+  targetRefs: [{kind: Service, name: web}]
+  rules: [{}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: fine, namespace: foo}
+spec:
+  rules: [{}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: foo}
+spec:
+  jwtRules: [{issuer: x, jwksUri: "http://127.0.0.1:1/keys"}]
+"#;
+        let fl = mizzen_config::load::load_str(std::path::Path::new("t.yaml"), yaml);
+        let errs: Vec<_> = fl.errors().collect();
+        assert!(errs.is_empty(), "{errs:?}");
+        let push = PushContext::build(
+            "1".into(),
+            MeshSettings::default(),
+            Arc::new(fl.resources),
+            Default::default(),
+        );
+        let u = unsupported(&push);
+        assert_eq!(u.len(), 4, "{u:#?}");
+        assert!(u[0].contains("foo/ext") && u[0].contains("opa") && u[0].contains("NOT enforced"));
+        assert!(u[1].contains("foo/exp") && u[1].contains("rules[0].when[0].key"));
+        assert!(u[2].contains("foo/waypoint") && u[2].contains("targetRef"));
+        assert!(u[3].contains("http://127.0.0.1:1/keys") && u[3].contains("refused"));
+        let dbg = debug_json(&push, &BTreeMap::new());
+        assert_eq!(
+            dbg["authorization_policies"].as_array().map(Vec::len),
+            Some(4)
+        );
+        assert_eq!(dbg["unsupported"].as_array().map(Vec::len), Some(4));
+    }
+}

@@ -122,6 +122,8 @@ fn insert_into_chain(chain: &mut lv3::FilterChain, http: &[hcm::HttpFilter], tcp
             else {
                 return;
             };
+            // Decoded and re-encoded: stable bytes as long as the inbound HCM holds no protobuf
+            // map with two or more entries (it holds none today; see `append_sorted_map`).
             let Ok(mut h) = hcm::HttpConnectionManager::decode(any.value.as_slice()) else {
                 return;
             };
