@@ -160,6 +160,20 @@ def test_retries(mesh: RouterMesh):
     assert mesh.b["web-v1"].count(f"/status/200/{tag}") == 1
 
 
+def test_response_flags(mesh: RouterMesh):
+    """The same requests carry the same Envoy response flags in both proxies' access logs:
+    fault abort FI, no route NR, retries exhausted URX, a plain proxied request -."""
+    tag = uuid.uuid4().hex
+    cases = [("fault.example.com", f"/abort/{tag}", 418, "FI"),
+             ("nowhere.example.org", f"/nr/{tag}", 404, "NR"),
+             ("retry.example.com", f"/status/503/flags-{tag}", 503, "URX"),
+             ("split.example.com", f"/flags/{tag}", 200, "-")]
+    for host, path, status, _ in cases:
+        assert mesh.gw.get(host, path).status_code == status, (host, path)
+    flags = mesh.response_flags([c[1] for c in cases])
+    assert [flags[c[1]] for c in cases] == [c[3] for c in cases], flags
+
+
 def test_mirror_sends_a_copy_to_v2(mesh: RouterMesh):
     tag = uuid.uuid4().hex
     for i in range(5):

@@ -283,6 +283,8 @@ async fn handle(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
         .map(|p| p.to_string())
         .unwrap_or_else(|| "/".into());
     let authority = authority(&req);
+    // For the access log: the id the client sent (one we generate is the upstream's business).
+    let request_id = req.headers().get("x-request-id").cloned();
     let mut out = Outcome {
         flags: Vec::new(),
         cluster: String::new(),
@@ -322,7 +324,11 @@ async fn handle(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
         .duration
         .get_or_create(&labels)
         .observe(ms);
-    debug!(target: "access_log", %method, %path, %authority, protocol, code, flags = %flags, cluster = %out.cluster, peer = %ctx.peer, duration_ms = ms as u64, "request");
+    let request_id = request_id
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    debug!(target: "access_log", %method, %path, %authority, protocol, code, flags = %flags, cluster = %out.cluster, peer = %ctx.peer, duration_ms = ms as u64, request_id = %request_id, "request");
     resp
 }
 

@@ -55,7 +55,8 @@ class NativeProxy:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.setdefault("RUST_BACKTRACE", "1")
-        env.setdefault("RUST_LOG", "info")
+        # Access-log lines (response flags per request id) are debug events of target access_log.
+        env.setdefault("RUST_LOG", "info,access_log=debug")
         self.proc = Proc(self.name, self.argv(), self.workdir / f"{self.name}.log", env=env, cwd=self.workdir)
         try:
             wait_until(self.ready, ready_timeout,

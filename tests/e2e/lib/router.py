@@ -11,6 +11,8 @@ have ``start()``, ``stop()``, ``node_id``, ``proc``, ``stats()``, ``rejected()``
 from __future__ import annotations
 
 import contextlib
+import re
+import shlex
 from pathlib import Path
 
 from backend import Backend, port_free_on_all
@@ -30,6 +32,9 @@ WEB_V1_IP, WEB_V2_IP, API_V1_IP, API_V2_IP = "127.0.0.11", "127.0.0.12", "127.0.
 WEB = "web.default.svc.cluster.local"
 API = "api.internal.example"
 PROXY_KINDS = ("envoy", "native")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+ENVOY_FLAGS = re.compile(r'"[A-Z]+ \S+ \S+" \d+ (\S+) ')
+NATIVE_FLAGS = re.compile(r"\bflags=(\S+)")
 
 
 def render(template: Path, values: dict) -> str:
@@ -62,10 +67,19 @@ def wait_acked(pilot: Pilot, node_id: str, types=(CDS, LDS, RDS, EDS), timeout: 
 
 def start_proxy(proxy_kind: str, mizzen_bin, envoy_bin, role: str, discovery_address: str, *, pod_name: str,
                 namespace: str, ip: str, labels: dict, workdir: Path, extra_args: list[str] | None = None,
-                netns: str | None = None, uid: int | None = None, ready_timeout: float = 30.0):
-    """``mizzen proxy ROLE`` with Envoy (``--envoy``) or the native proxy, started and ready."""
+                netns: str | None = None, uid: int | None = None, ready_timeout: float = 30.0,
+                envoy_args: list[str] | None = None):
+    """``mizzen proxy ROLE`` with Envoy (``--envoy``) or the native proxy, started and ready.
+    ``envoy_args`` are extra Envoy command-line flags (Envoy only)."""
     if proxy_kind == "envoy":
-        p = EnvoyProxy(mizzen_bin, resolve_envoy_elf(str(envoy_bin)), role, discovery_address,
+        envoy = resolve_envoy_elf(str(envoy_bin))
+        if envoy_args:
+            # The agent has no pass-through for Envoy flags: a wrapper adds them.
+            wrapper = Path(workdir) / f"envoy-{pod_name}.sh"
+            wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(envoy)} "$@" {shlex.join(envoy_args)}\n')
+            wrapper.chmod(0o755)
+            envoy = str(wrapper)
+        p = EnvoyProxy(mizzen_bin, envoy, role, discovery_address,
                        pod_name=pod_name, namespace=namespace, ip=ip, labels=labels, workdir=workdir,
                        netns=netns, uid=uid, extra_args=extra_args)
     elif proxy_kind == "native":
@@ -87,6 +101,28 @@ class RouterMesh:
 
     def render(self, name: str, **extra) -> str:
         return render(CONFIGS / "router" / f"{name}.yaml.tmpl", {**self.values, **extra})
+
+    def response_flags(self, paths: list[str], timeout: float = 15.0) -> dict[str, str]:
+        """Envoy's response flags of each request, by its (unique) path, from the proxy's
+        access log: Envoy's line (``"GET /p HTTP/1.1" 418 FI ...``, relayed by the agent) or
+        the native proxy's ``access_log`` event (``path=/p ... flags=FI``). A gateway
+        regenerates an outside client's x-request-id, so the path is the key. Envoy writes its
+        access log in batches, hence the bounded wait."""
+        def scan():
+            found = {}
+            for line in ANSI.sub("", self.proxy.proc.log_text()).splitlines():
+                for path in paths:
+                    if self.proxy_kind == "envoy" and f" {path} HTTP/" in line:
+                        m = ENVOY_FLAGS.search(line)
+                    elif self.proxy_kind == "native" and f" path={path} " in line:
+                        m = NATIVE_FLAGS.search(line)
+                    else:
+                        continue
+                    if m:
+                        found[path] = m.group(1)
+            return found if set(found) == set(paths) else None
+        return wait_until(scan, timeout, interval=0.2, what=f"access-log lines for {paths}",
+                          proc=self.proxy.proc)
 
     def assert_no_rejections(self) -> None:
         """No xDS update rejected by the proxy, and (so the check is not vacuous) CDS and LDS
@@ -137,7 +173,9 @@ def router_mesh(proxy_kind: str, xds_mode: str, mizzen_bin, envoy_bin, workdir: 
         proxy = start_proxy(proxy_kind, mizzen_bin, envoy_bin, "router", pilot.xds_address,
                             pod_name="ingress-gw-0", namespace="istio-system", ip=ROUTER_IP,
                             labels={"istio": "ingressgateway", "app": "istio-ingressgateway"},
-                            workdir=workdir, extra_args=["--xds-mode", xds_mode])
+                            workdir=workdir, extra_args=["--xds-mode", xds_mode],
+                            # Access-log lines within a fraction of a second (default 10 s).
+                            envoy_args=["--file-flush-interval-msec", "200"])
         gw = Gateway(gateway_port)
         # Ready means the proxy has its listeners; give routes a bounded moment to arrive too.
         wait_until(lambda: gw.get("split.example.com", "/", timeout=2).headers.get("x-backend")
