@@ -11,8 +11,10 @@
 //!   last good keys, which stay in force. A URI that never worked gets a key nobody holds
 //!   (see `mizzen_xds::gen::jwt`), so its tokens are refused, never accepted unchecked.
 //!
-//! Not implemented: `https` URIs (the pilot has no public root store yet; reported as a
-//! fetch error naming the URI).
+//! - `https` URIs are verified against the PEM bundle named by `SSL_CERT_FILE` (the usual
+//!   convention), else the system bundle (`/etc/ssl/certs/ca-certificates.crt`, ...).
+//!
+//! Not implemented: `jwtRule.timeout` (a fixed 5 s per fetch), proxies for the fetch.
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -35,8 +37,10 @@ const MAX_BODY: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JwksError {
-    #[error("jwksUri {0}: only http:// URIs can be fetched by this pilot")]
+    #[error("jwksUri {0}: only http:// and https:// URIs can be fetched")]
     Scheme(String),
+    #[error("jwksUri {0}: no trust anchors for https ({1}); set SSL_CERT_FILE to a PEM bundle")]
+    NoRoots(String, String),
     #[error("jwksUri {0}: bad URI: {1}")]
     Uri(String, String),
     #[error("jwksUri {0}: {1}")]
@@ -95,6 +99,53 @@ pub struct JwksResolver {
     entries: ArcSwap<BTreeMap<String, JwksEntry>>,
     pub refresh: Duration,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    /// For https URIs; built once, the error kept to report per URI.
+    tls: Result<Arc<rustls::ClientConfig>, String>,
+}
+
+/// Where distributions keep the system CA bundle.
+const SYSTEM_BUNDLES: [&str; 3] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// TLS client config trusting `SSL_CERT_FILE`, else the system bundle.
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    tls_config_from(std::env::var_os("SSL_CERT_FILE"))
+}
+
+fn tls_config_from(
+    bundle: Option<std::ffi::OsString>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let path = bundle
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            SYSTEM_BUNDLES
+                .iter()
+                .map(std::path::PathBuf::from)
+                .find(|p| p.exists())
+        })
+        .ok_or_else(|| "no CA bundle found".to_string())?;
+    let pem = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(
+        <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::pem_slice_iter(
+            &pem,
+        )
+        .filter_map(Result::ok),
+    );
+    if added == 0 {
+        return Err(format!("{}: no usable certificate", path.display()));
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(cfg))
 }
 
 impl JwksResolver {
@@ -103,6 +154,7 @@ impl JwksResolver {
             entries: ArcSwap::from_pointee(BTreeMap::new()),
             refresh,
             client: Client::builder(TokioExecutor::new()).build_http(),
+            tls: tls_config(),
         }
     }
 
@@ -161,7 +213,8 @@ impl JwksResolver {
     }
 
     async fn fetch(&self, uri: &str) -> Result<String, JwksError> {
-        if !uri.starts_with("http://") {
+        let https = uri.starts_with("https://");
+        if !https && !uri.starts_with("http://") {
             return Err(JwksError::Scheme(uri.into()));
         }
         let parsed: hyper::Uri = uri
@@ -172,11 +225,14 @@ impl JwksResolver {
             .body(Empty::<Bytes>::new())
             .map_err(|e| JwksError::Uri(uri.into(), e.to_string()))?;
         let work = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| JwksError::Fetch(uri.into(), e.to_string()))?;
+            let resp = if https {
+                self.https_request(uri, req).await?
+            } else {
+                self.client
+                    .request(req)
+                    .await
+                    .map_err(|e| JwksError::Fetch(uri.into(), e.to_string()))?
+            };
             let status = resp.status();
             if !status.is_success() {
                 return Err(JwksError::Status(uri.into(), status.as_u16()));
@@ -195,6 +251,66 @@ impl JwksResolver {
             .map_err(|_| JwksError::NotJwks(uri.into(), "not UTF-8".into()))?;
         check_jwks(&text).map_err(|m| JwksError::NotJwks(uri.into(), m))?;
         Ok(text)
+    }
+}
+
+impl JwksResolver {
+    /// One request over a fresh TLS connection (JWKS fetches are rare: no pool needed).
+    async fn https_request(
+        &self,
+        uri: &str,
+        mut req: hyper::Request<Empty<Bytes>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, JwksError> {
+        let fetch = |m: String| JwksError::Fetch(uri.into(), m);
+        let cfg = self
+            .tls
+            .as_ref()
+            .map_err(|e| JwksError::NoRoots(uri.into(), e.clone()))?;
+        let host = req
+            .uri()
+            .host()
+            .ok_or_else(|| JwksError::Uri(uri.into(), "no host".into()))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = req.uri().port_u16().unwrap_or(443);
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .unwrap_or_else(|| host.clone());
+        let server_name = rustls_pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| JwksError::Uri(uri.into(), e.to_string()))?;
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| fetch(e.to_string()))?;
+        let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| fetch(format!("TLS: {e}")))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(|e| fetch(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        // Origin form on the wire, the authority in Host.
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        *req.uri_mut() = path
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| JwksError::Uri(uri.into(), e.to_string()))?;
+        if let Ok(v) = authority.parse() {
+            req.headers_mut().insert(hyper::header::HOST, v);
+        }
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| fetch(e.to_string()))
     }
 }
 
@@ -284,12 +400,87 @@ mod tests {
         let e = &r.snapshot()[&uri];
         assert!(e.keys.as_deref().is_some_and(|k| k.contains("two")) && e.error.is_none());
         server.await.expect("server");
-        // https is reported, not silently skipped.
-        let https = vec!["https://example.com/jwks".to_string()];
-        assert!(!r.ensure(&https).await);
-        assert!(r.snapshot()["https://example.com/jwks"]
+        // Another scheme is reported, not silently skipped.
+        let ftp = vec!["ftp://example.com/jwks".to_string()];
+        assert!(!r.ensure(&ftp).await);
+        assert!(r.snapshot()["ftp://example.com/jwks"]
             .error
             .as_deref()
-            .is_some_and(|m| m.contains("http://")));
+            .is_some_and(|m| m.contains("https://")));
+    }
+
+    /// https against a TLS server on loopback whose certificate is in the trusted bundle; the
+    /// same server is refused when the bundle does not contain it.
+    #[tokio::test]
+    async fn https_uris_are_fetched_and_verified() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+        let dir = std::env::temp_dir().join(format!("mizzen-jwks-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let bundle = dir.join("ca.pem");
+        std::fs::write(&bundle, ck.cert.pem()).expect("write");
+        let server_cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![ck.cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into()),
+        )
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            // The trusted fetch, then the untrusted one (whose handshake fails).
+            for _ in 0..2 {
+                let (tcp, _) = listener.accept().await.expect("accept");
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut buf = [0u8; 2048];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                assert!(req.starts_with("GET /keys HTTP/1.1"), "{req}");
+                let body = r#"{"keys":[{"kty":"RSA","kid":"tls"}]}"#;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+        });
+        let uri = format!("https://{addr}/keys");
+        let mut r = JwksResolver::new(Duration::from_secs(60));
+        r.tls = tls_config_from(Some(bundle.clone().into_os_string()));
+        assert!(
+            r.ensure(std::slice::from_ref(&uri)).await,
+            "{:?}",
+            r.snapshot()
+        );
+        assert!(r.snapshot()[&uri]
+            .keys
+            .as_deref()
+            .is_some_and(|k| k.contains("tls")));
+        // A bundle without that certificate: the handshake is refused and reported.
+        let other =
+            rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+        let other_bundle = dir.join("other.pem");
+        std::fs::write(&other_bundle, other.cert.pem()).expect("write");
+        let mut r2 = JwksResolver::new(Duration::from_secs(60));
+        r2.tls = tls_config_from(Some(other_bundle.into_os_string()));
+        assert!(!r2.ensure(std::slice::from_ref(&uri)).await);
+        let e = &r2.snapshot()[&uri];
+        assert!(
+            e.keys.is_none() && e.error.as_deref().is_some_and(|m| m.contains("TLS")),
+            "{e:?}"
+        );
+        server.await.expect("server");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
