@@ -674,6 +674,9 @@ def test_envoy_and_native_sidecars_talk_mtls_both_ways(interop):
         # Envoy (A) -> native (B) and native (B) -> Envoy (A), HTTP through both sidecars.
         code, body = m.get(m.a, f"http://{BACK_VIP}:8000{there}")
         assert code == 200 and body["name"] == "back", (code, body)
+        # The native inbound tells the app who called, as Envoy does (APPEND_FORWARD).
+        xfcc = body["headers"].get("x-forwarded-client-cert", "")
+        assert xfcc.startswith(f"By={BACK_ID};Hash=") and xfcc.endswith(f";URI={FRONT_ID}"), body["headers"]
         code, body = m.get(m.b, f"http://{FRONT_VIP}:8000{back_again}")
         assert code == 200 and body["name"] == "front", (code, body)
         # Envoy's inbound names the caller it verified: the native sidecar's SPIFFE id.
@@ -690,6 +693,15 @@ def test_envoy_and_native_sidecars_talk_mtls_both_ways(interop):
     # Both took every resource the pilot sent, the TLS contexts included.
     assert m.native.rejected() == {}
     m.envoy.assert_no_rejected_updates()
+
+
+def test_native_sidecar_strips_a_forged_client_cert_header_from_plaintext(interop):
+    m = interop
+    cp = m.a.exec(["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
+                   "curl", "-sS", "-m", "5", "-H", f"x-forwarded-client-cert: By=x;URI={FRONT_ID}",
+                   f"http://{m.back_ip}:{APP_PORT}/forged"], check=False, timeout=15)
+    seen = json.loads(cp.stdout)["headers"]
+    assert seen["x-request-id"] and "x-forwarded-client-cert" not in seen, seen
 
 
 def test_native_metrics_carry_the_security_policy_and_principals(interop):

@@ -895,6 +895,7 @@ async fn forward(
     if !headers.contains_key("x-forwarded-proto") {
         headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     }
+    crate::tls::apply_xfcc(&mut headers, &ctx.security);
     apply_request_ops(&mut headers, &route.headers);
     if let Some(ops) = cluster_ops {
         apply_request_ops(&mut headers, ops);

@@ -188,7 +188,7 @@ async fn connection(shared: Arc<Shared>, name: String, stream: TcpStream, peer: 
                 peer,
                 original_dst,
                 reporter,
-                security,
+                security: security.with_xfcc(&h.xfcc),
             };
             drop(snap);
             crate::http::serve(stream, ctx).await;

@@ -15,7 +15,7 @@
 //! - [`UpstreamClients`] keeps one hyper connection pool per distinct upstream context,
 //!   shared across config updates (keyed by content hash).
 
-use crate::config::{DownstreamTls, StringMatch, UpstreamTls};
+use crate::config::{DownstreamTls, StringMatch, UpstreamTls, Xfcc, XfccMode};
 use crate::secrets::{self, store, Trust};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
@@ -387,11 +387,106 @@ pub struct Security {
     pub peer_principal: Option<Arc<str>>,
     /// Our own principal on this connection (the workload identity when it was used).
     pub local_principal: Option<Arc<str>>,
+    /// The peer's leaf certificate (DER), for `x-forwarded-client-cert`.
+    pub peer_cert: Option<Arc<[u8]>>,
+    /// What requests on this connection do with `x-forwarded-client-cert`.
+    pub xfcc: XfccAction,
 }
+
+/// `x-forwarded-client-cert` handling, decided once per connection.
+#[derive(Clone, Debug, Default)]
+pub enum XfccAction {
+    #[default]
+    Remove,
+    Keep,
+    Set(Arc<str>),
+    Append(Arc<str>),
+}
+
+const XFCC: &str = "x-forwarded-client-cert";
 
 impl Security {
     pub fn plaintext() -> Security {
         Security::default()
+    }
+
+    /// Envoy's rules: only an mTLS connection may carry the header on (or add this hop's
+    /// element); a plaintext client's header is removed unless ALWAYS_FORWARD_ONLY.
+    pub fn with_xfcc(mut self, cfg: &Xfcc) -> Security {
+        self.xfcc = match cfg.mode {
+            XfccMode::AlwaysForwardOnly => XfccAction::Keep,
+            _ if !self.mutual => XfccAction::Remove,
+            XfccMode::Sanitize => XfccAction::Remove,
+            XfccMode::ForwardOnly => XfccAction::Keep,
+            XfccMode::AppendForward => XfccAction::Append(Arc::from(self.xfcc_element(cfg))),
+            XfccMode::SanitizeSet => XfccAction::Set(Arc::from(self.xfcc_element(cfg))),
+        };
+        self
+    }
+
+    /// `By=...;Hash=...;Subject="...";URI=...;DNS=...` in Envoy's order.
+    fn xfcc_element(&self, cfg: &Xfcc) -> String {
+        let mut parts = Vec::new();
+        if let Some(by) = &self.local_principal {
+            parts.push(format!("By={by}"));
+        }
+        let Some(der) = &self.peer_cert else {
+            return parts.join(";");
+        };
+        let digest = ring::digest::digest(&ring::digest::SHA256, der);
+        let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        parts.push(format!("Hash={hash}"));
+        if cfg.subject {
+            parts.push(format!("Subject=\"{}\"", subject_rfc2253(der)));
+        }
+        let (uris, dns) = secrets::sans(der);
+        if cfg.uri {
+            if let Some(u) = uris.first() {
+                parts.push(format!("URI={u}"));
+            }
+        }
+        if cfg.dns {
+            parts.extend(dns.iter().map(|d| format!("DNS={d}")));
+        }
+        parts.join(";")
+    }
+}
+
+/// The subject as RFC 2253 writes it (last RDN first, no spaces), as Envoy's XFCC does.
+fn subject_rfc2253(der: &[u8]) -> String {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return String::new();
+    };
+    let s = cert.subject().to_string();
+    if s.is_empty() {
+        return s;
+    }
+    let mut rdns: Vec<&str> = s.split(", ").collect();
+    rdns.reverse();
+    rdns.join(",")
+}
+
+/// Apply the connection's XFCC decision to a request's headers.
+pub fn apply_xfcc(headers: &mut http::HeaderMap, sec: &Security) {
+    match &sec.xfcc {
+        XfccAction::Keep => {}
+        XfccAction::Remove => {
+            headers.remove(XFCC);
+        }
+        XfccAction::Set(v) => {
+            if let Ok(v) = http::HeaderValue::from_str(v) {
+                headers.insert(XFCC, v);
+            }
+        }
+        XfccAction::Append(v) => {
+            let joined = match headers.get(XFCC).and_then(|h| h.to_str().ok()) {
+                Some(prev) if !prev.is_empty() => format!("{prev},{v}"),
+                _ => v.to_string(),
+            };
+            if let Ok(v) = http::HeaderValue::from_str(&joined) {
+                headers.insert(XFCC, v);
+            }
+        }
     }
 }
 
@@ -502,7 +597,11 @@ pub async fn accept(
     .map_err(|_| timed_out("downstream TLS handshake"))??;
     let conn = s.get_ref().1;
     let peer_principal = first_uri_san(conn.peer_certificates());
-    let mutual = tls.validates_clients && conn.peer_certificates().is_some_and(|c| !c.is_empty());
+    let peer_cert = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| Arc::<[u8]>::from(c.as_ref()));
+    let mutual = tls.validates_clients && peer_cert.is_some();
     let local_principal = if mutual {
         store().workload().map(|w| w.principal.clone())
     } else {
@@ -515,6 +614,8 @@ pub async fn accept(
             mutual,
             peer_principal,
             local_principal,
+            peer_cert,
+            xfcc: XfccAction::Remove,
         },
     ))
 }
@@ -548,6 +649,8 @@ pub async fn connect(
         mutual: peer_principal.is_some(),
         peer_principal,
         local_principal,
+        peer_cert: None,
+        xfcc: XfccAction::Remove,
     };
     Ok((s, security))
 }

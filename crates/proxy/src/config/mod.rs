@@ -77,6 +77,32 @@ pub struct HttpConnectionManager {
     /// Names of the fault / router filters present; a route's fault config only applies when
     /// the listener installed the fault filter (as in Envoy).
     pub fault_filter: bool,
+    /// `x-forwarded-client-cert` handling.
+    pub xfcc: Xfcc,
+}
+
+/// Envoy's `forward_client_cert_details` + `set_current_client_cert_details`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Xfcc {
+    pub mode: XfccMode,
+    pub subject: bool,
+    pub uri: bool,
+    pub dns: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XfccMode {
+    /// Remove the header (Envoy's default).
+    #[default]
+    Sanitize,
+    /// Forward it as is on mTLS connections, remove it otherwise.
+    ForwardOnly,
+    /// On mTLS, append this hop's element; remove it otherwise.
+    AppendForward,
+    /// On mTLS, replace it with this hop's element; remove it otherwise.
+    SanitizeSet,
+    /// Forward it as is, whatever the connection.
+    AlwaysForwardOnly,
 }
 
 #[derive(Clone, Debug)]

@@ -278,7 +278,33 @@ fn http_connection_manager(h: &hcm::HttpConnectionManager) -> FResult<NetworkFil
         stat_prefix: h.stat_prefix.clone(),
         routes,
         fault_filter,
+        xfcc: xfcc(h)?,
     }))
+}
+
+fn xfcc(h: &hcm::HttpConnectionManager) -> FResult<Xfcc> {
+    use hcm::http_connection_manager::ForwardClientCertDetails as F;
+    let mode = match F::try_from(h.forward_client_cert_details) {
+        Ok(F::Sanitize) => XfccMode::Sanitize,
+        Ok(F::ForwardOnly) => XfccMode::ForwardOnly,
+        Ok(F::AppendForward) => XfccMode::AppendForward,
+        Ok(F::SanitizeSet) => XfccMode::SanitizeSet,
+        Ok(F::AlwaysForwardOnly) => XfccMode::AlwaysForwardOnly,
+        Err(_) => return bad("forward_client_cert_details", "unknown value"),
+    };
+    let d = h.set_current_client_cert_details.unwrap_or_default();
+    if d.cert || d.chain {
+        return bad(
+            "set_current_client_cert_details",
+            "Cert and Chain in x-forwarded-client-cert are not supported (Subject, URI, DNS are)",
+        );
+    }
+    Ok(Xfcc {
+        mode,
+        subject: d.subject.as_ref().is_some_and(|b| b.value),
+        uri: d.uri,
+        dns: d.dns,
+    })
 }
 
 fn tcp_proxy(t: &tcpv3::TcpProxy) -> FResult<NetworkFilter> {
