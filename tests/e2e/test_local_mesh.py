@@ -165,6 +165,23 @@ def test_split_90_10_from_the_tool_pod(helloworld):
     assert after["helloworld-v2-0"] - before["helloworld-v2-0"] >= v2, (before, after)
 
 
+def test_sidecars_talk_mutual_tls_with_their_own_identities(helloworld):
+    """`up` gives every proxy pod a token for the pilot's CA: the tool pod's requests reach
+    helloworld's sidecar over Istio mTLS, which sees the tool pod's SPIFFE identity."""
+    stat = "listener.0.0.0.0_15006.ssl.handshake"
+    before = helloworld.envoy_stat("helloworld-v1-0", stat)
+    out = helloworld.exec("tool", "sh", "-c",
+                          "for i in $(seq 20); do curl -s -m 5 -o /dev/null -w '%{http_code} ' "
+                          "helloworldsvc:8080/; done", timeout=120).stdout
+    assert out.split().count("200") == 20, out
+    assert helloworld.envoy_stat("helloworld-v1-0", stat) > before, "no TLS handshake on 15006"
+    certs = json.loads(helloworld.in_netns("helloworld-v1-0", "curl", "-s", "-m", "5",
+                                           "http://127.0.0.1:15000/certs").stdout)
+    uris = {s.get("uri") for c in certs["certificates"] for x in c.get("cert_chain", [])
+            for s in x.get("subject_alt_names", [])}
+    assert any(u and u.startswith("spiffe://cluster.local/ns/") for u in uris), uris
+
+
 def test_capture_rules_in_sidecar_pods_only(helloworld):
     rules = helloworld.in_netns("tool-0", "iptables-save").stdout
     for chain in ("ISTIO_INBOUND", "ISTIO_OUTPUT", "ISTIO_REDIRECT", "ISTIO_IN_REDIRECT"):

@@ -47,6 +47,16 @@ pub enum LocalError {
     NotReady { secs: u64, detail: String },
     #[error("{0}")]
     Sys(String),
+    #[error("mesh CA in {dir}: {source}")]
+    Ca {
+        dir: PathBuf,
+        source: mizzen_ca::CaError,
+    },
+    #[error("workload tokens from the CA in {dir}: {source}")]
+    Token {
+        dir: PathBuf,
+        source: mizzen_ca::TokenError,
+    },
 }
 
 impl LocalError {

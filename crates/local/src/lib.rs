@@ -30,6 +30,14 @@
 //!   user's mesh config (Istio objects, Namespaces), Services with their ClusterIP filled in,
 //!   and one Pod per replica with `status.podIP`, labels, service account and container
 //!   ports — what the Kubernetes API would hold.
+//! * **Identity.** The pilot runs its CA (`--ca-dir STATE_DIR/ca`, the CSR API on the bridge's
+//!   15012 or a free port): the root is created at the first `up` and kept by `down`, as
+//!   Istio keeps its root. `up` mints one token per proxy pod (`STATE_DIR/tokens/NS.POD`,
+//!   readable by uid 1337 only) for the pod's service account, so each proxy gets exactly its
+//!   own SPIFFE identity; proxy pods carry the injector's `security.istio.io/tlsMode: istio`
+//!   label, and sidecar-to-sidecar traffic is Istio mTLS (auto mTLS, PERMISSIVE by default,
+//!   PeerAuthentication honoured). The agents' directories (SDS socket) are
+//!   `STATE_DIR/agents/POD_IP`: short, since Unix socket paths are limited.
 //! * **Sidecars.** Pods in a namespace labelled `istio-injection=enabled`, or with the
 //!   label/annotation `sidecar.istio.io/inject: "true"` (and not `"false"`), get the
 //!   injector's init step, `mizzen iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*'
@@ -123,7 +131,7 @@ pub fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<Status> {
             sd.display()
         )));
     }
-    for d in ["bin", "config", "logs", "pods"] {
+    for d in ["bin", "config", "logs", "pods", "tokens", "agents"] {
         let p = sd.join(d);
         // Logs of a previous mesh were kept by `down` for a post-mortem; a new mesh starts
         // with fresh ones, so failure reports show only this run.
@@ -136,6 +144,9 @@ pub fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<Status> {
     set_mode(sd, 0o755)?;
     let bins = install_bins(sd, &opts.mizzen, opts.envoy.as_deref())?;
     let plan = plan::plan(&manifest, &bins, &plan::command_exists)?;
+    if let Some(id) = &bins.identity {
+        setup_identity(id, &plan)?;
+    }
     let mut st = State {
         source: manifest::describe(&opts.dir),
         state_dir: sd.to_path_buf(),
@@ -197,6 +208,58 @@ pub fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> Result<Status> {
     }
 }
 
+/// Istio's TLS port of the pilot (CSR API and xDS over TLS).
+const PILOT_SECURE_PORT: u16 = 15012;
+/// Tokens outlive any local mesh session; the certificates they buy are short-lived.
+const TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// The mesh CA (created once and kept across `down`/`up`, like Istio's root) and a token per
+/// proxy pod, readable by the proxy's uid only. The pilot loads the same CA directory, so it
+/// accepts exactly these tokens and issues each proxy its own SPIFFE identity.
+fn setup_identity(id: &plan::MeshIdentity, plan: &plan::Plan) -> Result<()> {
+    std::fs::create_dir_all(&id.ca_dir)
+        .map_err(|e| LocalError::io(format!("creating {}", id.ca_dir.display()), e))?;
+    let day = std::time::Duration::from_secs(24 * 3600);
+    mizzen_ca::CertificateAuthority::load_or_create(&id.ca_dir, plan::DOMAIN, day, 90 * day)
+        .map_err(|source| LocalError::Ca {
+            dir: id.ca_dir.clone(),
+            source,
+        })?;
+    let issuer =
+        mizzen_ca::TokenIssuer::load_or_create(&id.ca_dir).map_err(|source| LocalError::Token {
+            dir: id.ca_dir.clone(),
+            source,
+        })?;
+    // Proxies (uid 1337) read the root; the keys in the directory keep their own modes.
+    set_mode(&id.ca_dir, 0o755)?;
+    set_mode(&id.ca_dir.join("root-cert.pem"), 0o644)?;
+    set_mode(&id.tokens_dir, 0o755)?;
+    set_mode(&id.agents_dir, 0o755)?;
+    let to_proxy = |path: &Path| {
+        nix::unistd::chown(
+            path,
+            Some(nix::unistd::Uid::from_raw(plan::PROXY_UID)),
+            Some(nix::unistd::Gid::from_raw(plan::PROXY_UID)),
+        )
+        .map_err(|e| LocalError::Sys(format!("chown {}: {e}", path.display())))
+    };
+    for p in plan.pods.iter().filter(|p| p.has_proxy()) {
+        let path = id.token_file(&p.namespace, &p.name);
+        std::fs::write(
+            &path,
+            issuer.issue(&p.namespace, &p.service_account, TOKEN_TTL),
+        )
+        .map_err(|e| LocalError::io(format!("writing {}", path.display()), e))?;
+        set_mode(&path, 0o600)?;
+        to_proxy(&path)?;
+        let dir = id.agent_dir(p.ip);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| LocalError::io(format!("creating {}", dir.display()), e))?;
+        to_proxy(&dir)?;
+    }
+    Ok(())
+}
+
 fn set_mode(p: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
@@ -237,6 +300,12 @@ fn install_bins(sd: &Path, mizzen: &Path, envoy: Option<&str>) -> Result<Bins> {
             envoy,
             xds_port: pilot_port(PILOT_XDS_PORT)?,
             monitoring_port: pilot_port(PILOT_MONITORING_PORT)?,
+            identity: Some(plan::MeshIdentity {
+                secure_port: pilot_port(PILOT_SECURE_PORT)?,
+                ca_dir: sd.join("ca"),
+                tokens_dir: sd.join("tokens"),
+                agents_dir: sd.join("agents"),
+            }),
         }),
         _ => Err(LocalError::Sys("installing binaries".into())),
     }
@@ -523,7 +592,17 @@ fn proc_specs(sd: &Path, bins: &Bins, plan: &plan::Plan) -> Result<Vec<ProcSpec>
             format!("{BRIDGE_IP}:{}", bins.xds_port),
             "--monitoring-addr".into(),
             format!("{BRIDGE_IP}:{}", bins.monitoring_port),
-        ],
+        ]
+        .into_iter()
+        .chain(bins.identity.iter().flat_map(|id| {
+            [
+                "--ca-dir".into(),
+                id.ca_dir.display().to_string(),
+                "--secure-xds-addr".into(),
+                format!("{BRIDGE_IP}:{}", id.secure_port),
+            ]
+        }))
+        .collect(),
         env: vec![],
         cwd: sd.to_path_buf(),
         log: logs.join("pilot.log"),
@@ -728,6 +807,7 @@ fn compute_status(st: &State) -> Status {
         envoy: None,
         xds_port: PILOT_XDS_PORT,
         monitoring_port: PILOT_MONITORING_PORT,
+        identity: None,
     });
     let pids = state::load_pids(&st.state_dir);
     let plan = st.plan.clone().unwrap_or(plan::Plan {

@@ -62,7 +62,38 @@ pub struct Bins {
     /// Istio's 15010 / 15014 unless something on this host holds them.
     pub xds_port: u16,
     pub monitoring_port: u16,
+    /// Workload identity: the pilot's CA and the per-pod tokens (absent in older states).
+    #[serde(default)]
+    pub identity: Option<MeshIdentity>,
 }
+
+/// Where proxies get their certificates: the pilot's CSR API (its TLS port, Istio's 15012)
+/// with a token per pod, verified against the mesh root.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MeshIdentity {
+    pub secure_port: u16,
+    /// The pilot's CA directory (`root-cert.pem` is read by every proxy).
+    pub ca_dir: PathBuf,
+    /// One token file per proxy pod: `NAMESPACE.POD`.
+    pub tokens_dir: PathBuf,
+    /// The agents' config directories, one per pod IP: short, because the SDS Unix socket
+    /// lives there and socket paths are limited to 107 bytes.
+    pub agents_dir: PathBuf,
+}
+
+impl MeshIdentity {
+    pub fn token_file(&self, ns: &str, pod: &str) -> PathBuf {
+        self.tokens_dir.join(format!("{ns}.{pod}"))
+    }
+
+    pub fn agent_dir(&self, ip: Ipv4Addr) -> PathBuf {
+        self.agents_dir.join(ip.to_string())
+    }
+}
+
+/// The label Istio's injector puts on every pod it gives a proxy: the pilot tells from it that
+/// the pod accepts mesh mTLS (auto mTLS).
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Runner {
@@ -227,7 +258,14 @@ pub fn plan(m: &Manifest, bins: &Bins, can_run: &dyn Fn(&str) -> bool) -> crate:
                 workload: w.name.clone(),
                 index,
                 ip,
-                labels: w.labels.clone(),
+                labels: {
+                    let mut l = w.labels.clone();
+                    if sidecar || gateway {
+                        l.entry(TLS_MODE_LABEL.into())
+                            .or_insert_with(|| "istio".into());
+                    }
+                    l
+                },
                 annotations: w.annotations.clone(),
                 service_account: w.service_account.clone(),
                 sidecar,
@@ -346,7 +384,8 @@ fn router_container(w: &Workload, pod: &str, ip: Ipv4Addr, bins: &Bins) -> Conta
     }
 }
 
-/// The agent's flags: Envoy, the pilot on the bridge, the pod's identity, Istio's ports.
+/// The agent's flags: Envoy, the pilot on the bridge, the pod's identity (and, with the CA,
+/// where it gets its certificate), Istio's ports.
 pub fn proxy_identity_args(
     bins: &Bins,
     pod: &str,
@@ -374,6 +413,18 @@ pub fn proxy_identity_args(
     for (k, v) in labels {
         a.push("--label".into());
         a.push(format!("{k}={v}"));
+    }
+    if let Some(id) = &bins.identity {
+        a.extend([
+            "--ca-address".into(),
+            format!("{BRIDGE_IP}:{}", id.secure_port),
+            "--token-file".into(),
+            id.token_file(ns, pod).display().to_string(),
+            "--root-cert".into(),
+            id.ca_dir.join("root-cert.pem").display().to_string(),
+            "--config-path".into(),
+            id.agent_dir(ip).display().to_string(),
+        ]);
     }
     a.extend([
         "--admin-port".into(),
@@ -821,6 +872,12 @@ spec:
             envoy: Some("/s/bin/envoy".into()),
             xds_port: 15010,
             monitoring_port: 15014,
+            identity: Some(MeshIdentity {
+                secure_port: 15012,
+                ca_dir: "/s/ca".into(),
+                tokens_dir: "/s/tokens".into(),
+                agents_dir: "/s/agents".into(),
+            }),
         }
     }
 
@@ -883,6 +940,24 @@ spec:
             .argv
             .windows(2)
             .any(|w| w == ["--discovery-address", "10.244.0.1:15010"]));
+        // Workload identity: the injector's tlsMode label on proxy pods only, and the CA
+        // flags with this pod's own token and a short agent directory (SDS socket).
+        assert_eq!(
+            p.pods[0].labels.get(TLS_MODE_LABEL).map(String::as_str),
+            Some("istio")
+        );
+        assert!(!p.pods[2].labels.contains_key(TLS_MODE_LABEL));
+        for w in [
+            ["--ca-address", "10.244.0.1:15012"],
+            [
+                "--token-file",
+                "/s/tokens/istio-system.istio-ingressgateway-0",
+            ],
+            ["--root-cert", "/s/ca/root-cert.pem"],
+            ["--config-path", "/s/agents/10.244.0.13"],
+        ] {
+            assert!(gw.argv.windows(2).any(|x| x == w), "{w:?} in {:?}", gw.argv);
+        }
         assert_eq!(p.pods[3].netns, "mz-istio-system-istio-ingressgateway-0");
     }
 
