@@ -42,7 +42,7 @@ def mesh(request, mizzen_bin, envoy_bin, tmp_path_factory):
         started.append(grpc_be)
         h2_be = H2Backend("h2", H2_IP).start()
         started.append(h2_be)
-        values = {"RAW_IP": RAW_IP, "RAW_PORT": raw.port, "WS_IP": WS_IP, "WS_PORT": ws.port,
+        values = {"RAW_IP": RAW_IP, "RAW_PORT": raw.port, "CLOSED_PORT": port_free_on_all([RAW_IP]), "WS_IP": WS_IP, "WS_PORT": ws.port,
                   "GRPC_IP": GRPC_IP, "GRPC_PORT": grpc_be.port, "H2_IP": H2_IP, "H2_PORT": h2_be.port}
         extra = {"protocols.yaml": render(CONFIGS / "protocols" / "protocols.yaml.tmpl", values)}
         with router_mesh(kind, "delta", mizzen_bin, envoy_bin, workdir, extra_files=extra) as m:
@@ -285,3 +285,17 @@ def test_grpc_local_replies_are_grpc(mesh: RouterMesh):
         with pytest.raises(grpc.RpcError) as e:
             ch.unary_unary("/mizzen.Echo/Unary")(b"x", timeout=10)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED, (e.value.code(), e.value.details())
+
+
+def test_upstream_failures_answer_like_envoy(mesh: RouterMesh):
+    """An endpoint that refuses: 503 after Istio's default retry (connect-failure), with
+    Envoy's text and flags. A service without endpoints answers 503 NC in both: the pilot
+    emits no cluster for it (Istio would, and Envoy would answer UH)."""
+    tag = uuid.uuid4().hex
+    r = mesh.gw.get("refused.example.com", f"/uf/{tag}")
+    assert r.status_code == 503
+    assert r.text == ("upstream connect error or disconnect/reset before headers. retried and the latest "
+                      "reset reason: remote connection failure"), r.text
+    assert mesh.gw.get("grpc-down.example.com", f"/nc/{tag}").status_code == 503
+    flags = mesh.response_flags([f"/uf/{tag}", f"/nc/{tag}"])
+    assert (flags[f"/uf/{tag}"], flags[f"/nc/{tag}"]) == ("URX,UF", "NC"), flags

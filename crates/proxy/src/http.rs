@@ -1014,18 +1014,12 @@ async fn forward(
                     Failure::Connect(e) => {
                         out.flags.push("UF");
                         debug!(cluster = %cluster.config.name, error = %e, "upstream connect failure");
-                        local_reply(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                        )
+                        reset_reply(attempt > 1, "remote connection failure")
                     }
                     Failure::Reset(e) => {
                         out.flags.push("UC");
                         debug!(cluster = %cluster.config.name, error = %e, "upstream reset");
-                        local_reply(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-                        )
+                        reset_reply(attempt > 1, "connection termination")
                     }
                 };
             }
@@ -1420,6 +1414,24 @@ pub fn local_reply(status: StatusCode, body: &'static str) -> Response<Body> {
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     }
+    resp
+}
+
+/// Envoy's 503 for an upstream that failed before sending headers, in its words.
+fn reset_reply(retried: bool, reason: &str) -> Response<Body> {
+    let how = if retried {
+        "retried and the latest reset reason"
+    } else {
+        "reset reason"
+    };
+    let mut resp = full_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Bytes::from(format!(
+            "upstream connect error or disconnect/reset before headers. {how}: {reason}"
+        )),
+    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     resp
 }
 
