@@ -288,14 +288,14 @@ def test_grpc_local_replies_are_grpc(mesh: RouterMesh):
 
 
 def test_upstream_failures_answer_like_envoy(mesh: RouterMesh):
-    """An endpoint that refuses: 503 after Istio's default retry (connect-failure), with
-    Envoy's text and flags. A service without endpoints answers 503 NC in both: the pilot
-    emits no cluster for it (Istio would, and Envoy would answer UH)."""
+    """A cluster without endpoints: 503 `no healthy upstream` (UH). An endpoint that
+    refuses: 503 after Istio's default retry (connect-failure), in Envoy's words and flags."""
     tag = uuid.uuid4().hex
+    r = mesh.gw.get("grpc-down.example.com", f"/uh/{tag}")
+    assert (r.status_code, r.text) == (503, "no healthy upstream")
     r = mesh.gw.get("refused.example.com", f"/uf/{tag}")
     assert r.status_code == 503
     assert r.text == ("upstream connect error or disconnect/reset before headers. retried and the latest "
                       "reset reason: remote connection failure"), r.text
-    assert mesh.gw.get("grpc-down.example.com", f"/nc/{tag}").status_code == 503
-    flags = mesh.response_flags([f"/uf/{tag}", f"/nc/{tag}"])
-    assert (flags[f"/uf/{tag}"], flags[f"/nc/{tag}"]) == ("URX,UF", "NC"), flags
+    flags = mesh.response_flags([f"/uh/{tag}", f"/uf/{tag}"])
+    assert (flags[f"/uh/{tag}"], flags[f"/uf/{tag}"]) == ("UH", "URX,UF"), flags
