@@ -127,20 +127,24 @@ def test_fault_abort_percentage(mesh: RouterMesh):
 
 
 def test_fault_delay(mesh: RouterMesh):
+    path = f"/slow/{uuid.uuid4().hex}"
     t = time.monotonic()
-    r = mesh.gw.get("fault.example.com", "/slow/x")
+    r = mesh.gw.get("fault.example.com", path)
     took = time.monotonic() - t
     assert r.status_code == 200 and echo(r)["name"] == "web-v1"
     assert 0.95 <= took < 1.9, f"fixedDelay 1s, took {took:.2f}s"
+    assert mesh.response_flags([path]) == {path: "DI"}
 
 
 def test_timeout_2s_answers_504(mesh: RouterMesh):
+    path = f"/delay/5/{uuid.uuid4().hex}"
     t = time.monotonic()
-    r = mesh.gw.get("timeout.example.com", "/delay/5")
+    r = mesh.gw.get("timeout.example.com", path)
     took = time.monotonic() - t
     assert r.status_code == 504
     assert r.text == "upstream request timeout"
     assert 1.9 <= took < 3.0, f"timeout 2s, answered after {took:.2f}s"
+    assert mesh.response_flags([path]) == {path: "UT"}
     r = mesh.gw.get("timeout.example.com", "/delay/0.5")
     assert r.status_code == 200 and echo(r)["path"] == "/delay/0.5"
 
