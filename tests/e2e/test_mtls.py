@@ -453,6 +453,25 @@ def test_auto_mtls_between_sidecars_is_tls_on_the_wire(mesh):
     no_nacks(m)
 
 
+def test_auto_mtls_checks_the_destination_identity(mesh):
+    """The client accepts only the service accounts the registry says the service runs as: if
+    httpbin's pod claimed another one, its real certificate (sa/httpbin) is refused."""
+    m = mesh
+    text = m.pilot.path("mesh.yaml").read_text()
+    wrong = text.replace("serviceAccountName: httpbin", "serviceAccountName: impostor")
+    assert wrong != text
+    m.pilot.write("mesh.yaml", wrong)
+    try:
+        wait_until(lambda: client_get(m, f"http://{HTTPBIN_VIP}:8000/mtls", timeout=3)[0] == 503, 15,
+                   interval=0.5, what="httpbin refused: its certificate is not sa/impostor")
+        san = "cluster.outbound|8000||httpbin.default.svc.cluster.local.ssl.fail_verify_san"
+        assert m.proxies["sleep"].stats().get(san, 0) >= 1, "refused for another reason than the SAN"
+    finally:
+        m.pilot.write("mesh.yaml", text)
+    wait_until(lambda: httpbin(m), 15, interval=0.5, what="served again with the right identity")
+    no_nacks(m)
+
+
 def test_destination_rule_disable_overrides_auto_mtls(mesh):
     m = mesh
     m.pilot.write("peek-dr.yaml", """
