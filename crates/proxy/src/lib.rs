@@ -28,7 +28,8 @@
 //! circuit-breaker thresholds and connection-pool limits (accepted, not enforced),
 //! the HCM's `upgrade_configs` (read nowhere: every `Upgrade` is tunnelled, the pilot always
 //! allows websocket), HTTP/2 upstream `:authority` to hostname (STRICT_DNS) endpoints,
-//! request trailers on a retry, JWT claim matching, `httpsRedirect`, IP_TRANSPARENT (TPROXY), 127.0.0.6 as the
+//! request trailers on a retry, closing HTTP/2 upstream connections to endpoints that left
+//! EDS, keeping upgraded (WebSocket) tunnels open through the drain time, JWT claim matching, `httpsRedirect`, IP_TRANSPARENT (TPROXY), 127.0.0.6 as the
 //! inbound source, access-log lines in Envoy's format, source_* / destination_workload
 //! metric labels, TCP metrics, `/logging`.
 
