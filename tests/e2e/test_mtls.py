@@ -554,6 +554,17 @@ def test_peer_authentication_strict_namespace_and_port_level_override(mesh):
     m.pilot.delete("pa-httpbin.yaml")
     wait_until(lambda: plaintext_from_root(m) is None, 15, interval=0.5, what="STRICT again")
     assert httpbin(m) is not None
-    no_nacks(m)
+    # Mesh-wide STRICT alone (root namespace) applies to every namespace; removing it
+    # restores the PERMISSIVE default.
     m.pilot.delete("pa-ns.yaml")
+    m.pilot.write("pa-mesh.yaml", """
+        apiVersion: security.istio.io/v1
+        kind: PeerAuthentication
+        metadata: {name: default, namespace: istio-system}
+        spec: {mtls: {mode: STRICT}}
+        """)
+    wait_until(lambda: plaintext_from_root(m) is None, 15, interval=0.5, what="mesh-wide STRICT")
+    assert httpbin(m) is not None
     m.pilot.delete("pa-mesh.yaml")
+    wait_until(lambda: plaintext_from_root(m) == 200, 15, interval=0.5, what="PERMISSIVE again")
+    no_nacks(m)
