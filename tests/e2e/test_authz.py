@@ -563,3 +563,57 @@ spec:
     assert m.http(a, "GET", "/secure", tok(k2, sub="alice"))[0] == 200
     assert "JWKS fetch failed" in m.pilot.proc.log_text()
     m.rejected()
+
+
+def test_gateway_enforces_policies_selecting_it(mizzen_bin, envoy_bin, tmp_path):
+    """An ingress gateway (Envoy router) with a RequestAuthentication and AuthorizationPolicies
+    in the root namespace selecting ``istio: ingressgateway``, as Istio users protect ingress."""
+    from lib.router import router_mesh
+    iss = "https://gw-issuer.mizzen.test"
+    signer, stranger = Signer("g1"), Signer("g1")
+    jwks = JwksServer()
+    jwks.serve(signer)
+    policy = f"""
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: gw-jwt, namespace: istio-system}}
+spec:
+  selector: {{matchLabels: {{istio: ingressgateway}}}}
+  jwtRules: [{{issuer: "{iss}", jwksUri: "{jwks.uri}"}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: gw-deny, namespace: istio-system}}
+spec:
+  selector: {{matchLabels: {{istio: ingressgateway}}}}
+  action: DENY
+  rules: [{{to: [{{operation: {{paths: ["/blocked*"]}}}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: gw-allow, namespace: istio-system}}
+spec:
+  selector: {{matchLabels: {{istio: ingressgateway}}}}
+  rules:
+  - to: [{{operation: {{hosts: ["split.example.com"]}}}}]
+  - from: [{{source: {{requestPrincipals: ["{iss}/*"]}}}}]
+"""
+    try:
+        with router_mesh("envoy", "delta", mizzen_bin, envoy_bin, tmp_path,
+                         extra_files={"gw-authz.yaml": policy}) as rm:
+            token = {"authorization": "Bearer " + signer.token(iss=iss, sub="u1")}
+            bad = {"authorization": "Bearer " + stranger.token(iss=iss, sub="u1")}
+
+            def status(host, path, headers=None):
+                r = rm.gw.get(host, path, headers)
+                return r.status_code, r.text
+
+            assert status("split.example.com", "/")[0] == 200
+            assert status("split.example.com", "/blocked") == (403, DENIED_BODY)
+            assert status("match.example.com", "/") == (403, DENIED_BODY)  # no principal
+            assert status("match.example.com", "/", token)[0] not in (401, 403)
+            assert status("match.example.com", "/blocked", token) == (403, DENIED_BODY)
+            assert status("split.example.com", "/", bad)[0] == 401
+            rm.assert_no_rejections()
+    finally:
+        jwks.stop()

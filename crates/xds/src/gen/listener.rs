@@ -62,7 +62,11 @@ const DETECTION_TIMEOUT_MS: u32 = 100;
 pub fn generate(proxy: &Proxy, push: &PushContext) -> Vec<Listener> {
     let mut out = match proxy.proxy_type {
         ProxyType::Sidecar => sidecar(proxy, push),
-        ProxyType::Router => router(proxy, push),
+        // Gateways enforce the AuthorizationPolicies / RequestAuthentications selecting them.
+        ProxyType::Router => router(proxy, push)
+            .into_iter()
+            .map(|l| super::rbac::with_inbound_authz(l, proxy, push))
+            .collect(),
     };
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out

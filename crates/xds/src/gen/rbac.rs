@@ -1,5 +1,5 @@
-//! AuthorizationPolicy -> Envoy RBAC filters on the sidecar's inbound side, as istiod's
-//! `pilot/pkg/security/authz` builds them.
+//! AuthorizationPolicy -> Envoy RBAC filters on the sidecar's inbound side and on gateways,
+//! as istiod's `pilot/pkg/security/authz` builds them.
 //!
 //! - HTTP chains get `envoy.filters.http.rbac` (after jwt_authn, see [`super::jwt`]); TCP
 //!   chains get `envoy.filters.network.rbac` before tcp_proxy. One filter per action, in
@@ -82,8 +82,9 @@ pub fn inbound_network_filters(proxy: &Proxy, push: &PushContext) -> Vec<lv3::Fi
         .collect()
 }
 
-/// Put the authorization filters into every chain of the inbound listener (plain, TLS and
-/// passthrough chains alike): HTTP ones before the router, network ones before tcp_proxy.
+/// Put the authorization filters into every chain of a listener where traffic enters the
+/// workload: the sidecar's `virtualInbound` (plain, TLS and passthrough chains alike) and
+/// every gateway listener. HTTP filters go before the router, network ones before tcp_proxy.
 /// Without applicable policies the listener is returned untouched.
 pub fn with_inbound_authz(
     mut l: lv3::Listener,
