@@ -1,5 +1,9 @@
 //! Generators: `(proxy, push) -> resources` for each xDS type. Pure functions: no I/O, no
 //! locks, deterministic output (sorted), so the server can diff versions cheaply.
+//!
+//! Besides one module per xDS type: [`rbac`] (AuthorizationPolicy) and [`jwt`]
+//! (RequestAuthentication) build the filters that [`listener`] puts into inbound and gateway
+//! listeners.
 
 pub mod cluster;
 pub mod endpoint;
