@@ -439,7 +439,8 @@ from lib.procs import Proc, run  # noqa: E402
 
 PROXY_UID = 1337
 APP_PORT = 8080
-FRONT_VIP, BACK_VIP = "10.96.0.40", "10.96.0.41"
+FRONT_VIP, BACK_VIP, FRONT_H2_VIP = "10.96.0.40", "10.96.0.41", "10.96.0.42"
+H2_PORT = 8081
 FRONT_ID = "spiffe://cluster.local/ns/default/sa/front"
 BACK_ID = "spiffe://cluster.local/ns/default/sa/back"
 HERE = Path(__file__).resolve().parent
@@ -478,7 +479,8 @@ def mesh_rules() -> str:
     rules = istio_outbound_redirect_rules(15001, 15006, PROXY_UID, PROXY_UID)
     head, _, rest = rules.partition("-A ISTIO_INBOUND")
     return (head + "-A PREROUTING -p tcp -j ISTIO_INBOUND\n"
-            f"-A ISTIO_INBOUND -p tcp --dport {APP_PORT} -j ISTIO_IN_REDIRECT\n-A ISTIO_INBOUND" + rest)
+            f"-A ISTIO_INBOUND -p tcp --dport {APP_PORT} -j ISTIO_IN_REDIRECT\n"
+            f"-A ISTIO_INBOUND -p tcp --dport {H2_PORT} -j ISTIO_IN_REDIRECT\n-A ISTIO_INBOUND" + rest)
 
 
 def interop_config(front_ip: str, back_ip: str) -> str:
@@ -503,6 +505,16 @@ spec:
   clusterIP: {vip}
   selector: {{app: {name}}}
   ports: [{{name: http, port: 8000, targetPort: {APP_PORT}}}]
+""")
+    # An http2 port next to the Envoy sidecar: native -> Envoy is HTTP/2 inside mTLS.
+    out.append(f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: front-h2, namespace: default}}
+spec:
+  clusterIP: {FRONT_H2_VIP}
+  selector: {{app: front}}
+  ports: [{{name: http2, port: 8001, targetPort: {H2_PORT}}}]
 """)
     return "---".join(out)
 
@@ -622,6 +634,9 @@ def interop(mizzen_bin, envoy_bin, require_root):
                                                 str(HERE / "backend.py"), "--name", name, "--host", "0.0.0.0",
                                                 "--port", str(APP_PORT)], base / f"app-{name}.log"))
             apply_in_netns(ns, mesh_rules())
+        m.procs.append(Proc("app-front-h2", ["ip", "netns", "exec", m.a.name, sys.executable,
+                                             str(HERE / "backend.py"), "--name", "front-h2", "--host", "0.0.0.0",
+                                             "--port", str(H2_PORT)], base / "app-front-h2.log"))
         mizzen = exec_as_copy(mizzen_bin, base)
         envoy = exec_as_copy(Path(resolve_envoy_elf(str(envoy_bin))), base)
         root = str(m.pilot.ca_dir / "root-cert.pem")
@@ -755,3 +770,19 @@ def test_strict_peer_authentication_refuses_plaintext_at_the_native_sidecar(inte
         assert m.native.rejected() == {}
     finally:
         m.pilot.delete("strict.yaml")
+
+
+def test_http2_over_mesh_mtls_from_native_to_envoy_keeps_the_authority(interop):
+    """native -> Envoy on an http2 port: HTTP/2 inside Istio mTLS (Envoy's stats say so),
+    with the request's host as :authority, not the endpoint address. (Envoy's inbound cluster
+    then speaks HTTP/1.1 to the app, which sees it as Host.)"""
+    m = interop
+    path = f"/h2/{uuid.uuid4().hex}"
+    code, body = m.get(m.b, f"http://{FRONT_H2_VIP}:8001{path}")
+    assert code == 200 and body["name"] == "front-h2", (code, body)
+    assert body["host"] == f"{FRONT_H2_VIP}:8001", body
+    h2 = {k: v for k, v in m.envoy.stats().items() if "inbound_0.0.0.0_8081" in k and k.endswith("downstream_rq_http2_total")}
+    assert h2 and all(v >= 1 for v in h2.values()), h2
+    lines = [l for l in m.native.prometheus().splitlines()
+             if l.startswith("istio_requests_total{") and "front-h2" in l]
+    assert any(f'destination_principal="{FRONT_ID}"' in l for l in lines), lines

@@ -115,75 +115,101 @@ impl Default for Clients {
     }
 }
 
-/// One multiplexed HTTP/2 connection per (endpoint, source address), as Envoy keeps by
+/// One multiplexed HTTP/2 connection per (endpoint, source address, TLS context), as Envoy keeps by
 /// default. Not hyper-util's pool: that one names a connection by the URI's authority, which
 /// HTTP/2 also sends as `:authority`, and that must be the request's host, not the endpoint.
 /// Lookups are lock-free; a new connection is published with a copy-on-write swap.
 #[derive(Default)]
 struct H2Pool {
-    conns: ArcSwap<HashMap<H2Key, SendRequest<Body>>>,
+    conns: ArcSwap<HashMap<H2Key, H2Conn>>,
 }
 
-/// An upstream HTTP/2 connection's identity: endpoint and source address.
-type H2Key = (SocketAddr, Option<IpAddr>);
+/// An upstream HTTP/2 connection's identity: endpoint, source address and the key of its TLS
+/// context (`None`: h2c).
+type H2Key = (SocketAddr, Option<IpAddr>, Option<u64>);
+
+/// A connection's sender and, over TLS, its peer (copied into every response for metrics).
+#[derive(Clone)]
+struct H2Conn {
+    sender: SendRequest<Body>,
+    peer: Option<crate::tls::Security>,
+}
 
 impl H2Pool {
     async fn send(
         &self,
         endpoint: SocketAddr,
         source: Option<IpAddr>,
+        tls: Option<&Arc<crate::config::UpstreamTls>>,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, Failure> {
-        let key = (endpoint, source);
+        let key = (endpoint, source, tls.map(|t| t.key));
         let cached = self
             .conns
             .load()
             .get(&key)
-            .filter(|s| !s.is_closed())
+            .filter(|c| !c.sender.is_closed())
             .cloned();
-        let mut sender = cached;
-        if let Some(s) = sender.as_mut() {
+        let mut conn = cached;
+        if let Some(c) = conn.as_mut() {
             // A cached connection may have gone away since (GOAWAY, idle close).
-            if s.ready().await.is_err() {
-                sender = None;
+            if c.sender.ready().await.is_err() {
+                conn = None;
             }
         }
-        let mut sender = match sender {
-            Some(s) => s,
-            None => self.connect(key).await?,
+        let mut conn = match conn {
+            Some(c) => c,
+            None => self.connect(key, tls).await?,
         };
-        match sender.try_send_request(req).await {
+        let resp = match conn.sender.try_send_request(req).await {
             Ok(resp) => Ok(resp),
             Err(mut e) => match e.take_message() {
                 // It never reached the connection (closing under us): once more on a new one.
-                Some(req) => self
-                    .connect(key)
-                    .await?
-                    .send_request(req)
-                    .await
-                    .map_err(|e| Failure::Reset(e.to_string())),
+                Some(req) => {
+                    conn = self.connect(key, tls).await?;
+                    conn.sender
+                        .send_request(req)
+                        .await
+                        .map_err(|e| Failure::Reset(e.to_string()))
+                }
                 None => Err(Failure::Reset(e.into_error().to_string())),
             },
-        }
+        };
+        resp.map(|mut r| {
+            if let Some(p) = conn.peer {
+                r.extensions_mut().insert(crate::tls::UpstreamPeer(p));
+            }
+            r
+        })
     }
 
     /// A new connection, ready for a request, published for the next ones.
-    async fn connect(&self, key: H2Key) -> Result<SendRequest<Body>, Failure> {
-        let mut s = h2_connect(key.0, key.1).await.map_err(Failure::Connect)?;
-        s.ready().await.map_err(|e| Failure::Reset(e.to_string()))?;
+    async fn connect(
+        &self,
+        key: H2Key,
+        tls: Option<&Arc<crate::config::UpstreamTls>>,
+    ) -> Result<H2Conn, Failure> {
+        let mut c = h2_connect(key.0, key.1, tls)
+            .await
+            .map_err(Failure::Connect)?;
+        c.sender
+            .ready()
+            .await
+            .map_err(|e| Failure::Reset(e.to_string()))?;
         self.conns.rcu(|m| {
             let mut m = HashMap::clone(m);
-            m.insert(key, s.clone());
+            m.insert(key, c.clone());
             m
         });
-        Ok(s)
+        Ok(c)
     }
 }
 
 async fn h2_connect(
     endpoint: SocketAddr,
     source: Option<IpAddr>,
-) -> Result<SendRequest<Body>, String> {
+    tls: Option<&Arc<crate::config::UpstreamTls>>,
+) -> Result<H2Conn, String> {
     let sock = if endpoint.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {
@@ -199,6 +225,16 @@ async fn h2_connect(
         .map_err(|_| format!("connecting to {endpoint}: timed out"))?
         .map_err(|e| format!("connecting to {endpoint}: {e}"))?;
     let _ = stream.set_nodelay(true);
+    // Over TLS (ISTIO_MUTUAL, DestinationRule TLS) the handshake comes first.
+    let (stream, peer) = match tls {
+        None => (crate::tls::Stream::from(stream), None),
+        Some(t) => {
+            let (s, peer) = crate::tls::connect(stream, t)
+                .await
+                .map_err(|e| format!("TLS handshake with {endpoint}: {e}"))?;
+            (crate::tls::Stream::Client(Box::new(s)), Some(peer))
+        }
+    };
     let (sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
@@ -208,7 +244,7 @@ async fn h2_connect(
             debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended with an error");
         }
     });
-    Ok(sender)
+    Ok(H2Conn { sender, peer })
 }
 
 /// What one downstream connection knows: where its routes come from and who it talks to.
@@ -290,8 +326,14 @@ async fn handle(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
         cluster: String::new(),
         upstream: None,
     };
-    let resp = route_request(&ctx, req, &authority, &mut out).await;
+    let mut resp = route_request(&ctx, req, &authority, &mut out).await;
     ctx.shared.metrics.request_finished();
+    // A gRPC client gets the proxy's own errors as gRPC (Envoy's local reply conversion).
+    if grpc {
+        if let Some(LocalReply(text)) = resp.extensions().get::<LocalReply>().cloned() {
+            resp = grpc_local_reply(resp.status(), &text);
+        }
+    }
 
     let code = resp.status().as_u16();
     let flags = if out.flags.is_empty() {
@@ -1047,9 +1089,10 @@ async fn attempt_once(
     deadline: Option<Instant>,
     retry: Option<&RetryPolicy>,
 ) -> AttemptResult {
-    // Cleartext HTTP/2 to an IP: our own pool, with the request's host as `:authority`.
+    // HTTP/2 to an IP (cleartext or TLS): our own pool, with the request's host as
+    // `:authority`.
     let h2c = match endpoint.parse::<SocketAddr>() {
-        Ok(addr) if cluster.config.http2 && tls.is_none() => Some(addr),
+        Ok(addr) if cluster.config.http2 => Some(addr),
         _ => None,
     };
     let mut headers = headers;
@@ -1088,20 +1131,20 @@ async fn attempt_once(
     // TLS upstreams (DestinationRule tls, ISTIO_MUTUAL) have their own pools.
     let fut = async {
         match (tls, h2c) {
-            (Some(t), _) => ctx
+            (tls, Some(addr)) => {
+                ctx.shared
+                    .clients
+                    .h2c
+                    .send(addr, cluster.config.source_address, tls, req)
+                    .await
+            }
+            (Some(t), None) => ctx
                 .shared
                 .tls_clients
                 .get(t, cluster.config.http2, cluster.config.source_address)
                 .request(req)
                 .await
                 .map_err(legacy_failure),
-            (None, Some(addr)) => {
-                ctx.shared
-                    .clients
-                    .h2c
-                    .send(addr, cluster.config.source_address, req)
-                    .await
-            }
             (None, None) => client.request(req).await.map_err(legacy_failure),
         }
     };
@@ -1409,10 +1452,51 @@ fn full_response(status: StatusCode, body: Bytes) -> Response<Body> {
 
 /// A response generated by the proxy itself, in Envoy's shape (`text/plain`).
 pub fn local_reply(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut resp = full_response(status, Bytes::from_static(body.as_bytes()));
+    let text = Bytes::from_static(body.as_bytes());
+    let mut resp = full_response(status, text.clone());
     if !body.is_empty() {
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    resp.extensions_mut().insert(LocalReply(text));
+    resp
+}
+
+/// Marks a response the proxy generated itself, with its text: `handle` turns it into a gRPC
+/// error when the request was gRPC.
+#[derive(Clone)]
+struct LocalReply(Bytes);
+
+/// Envoy's mapping of a local reply's HTTP status to a gRPC status
+/// (`Grpc::Utility::httpToGrpcStatus`).
+fn http_to_grpc_status(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    }
+}
+
+/// A local reply as a trailers-only gRPC response: HTTP 200, `grpc-status` and the text as
+/// `grpc-message`.
+fn grpc_local_reply(status: StatusCode, text: &Bytes) -> Response<Body> {
+    let mut resp = full_response(StatusCode::OK, Bytes::new());
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(
+        "grpc-status",
+        HeaderValue::from(http_to_grpc_status(status)),
+    );
+    if let Ok(v) = HeaderValue::from_bytes(text) {
+        if !text.is_empty() {
+            h.insert("grpc-message", v);
+        }
     }
     resp
 }
@@ -1424,14 +1508,13 @@ fn reset_reply(retried: bool, reason: &str) -> Response<Body> {
     } else {
         "reset reason"
     };
-    let mut resp = full_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        Bytes::from(format!(
-            "upstream connect error or disconnect/reset before headers. {how}: {reason}"
-        )),
-    );
+    let text = Bytes::from(format!(
+        "upstream connect error or disconnect/reset before headers. {how}: {reason}"
+    ));
+    let mut resp = full_response(StatusCode::SERVICE_UNAVAILABLE, text.clone());
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp.extensions_mut().insert(LocalReply(text));
     resp
 }
 
