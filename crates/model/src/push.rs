@@ -471,4 +471,56 @@ mod tests {
         assert!(host_matches("*.example.com", "a.example.com"));
         assert!(!host_matches("*.example.com", "example.org"));
     }
+
+    #[test]
+    fn credential_name_is_reported_and_identities_come_from_endpoints() {
+        let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: ns}
+spec:
+  hosts: [api.example.com]
+  resolution: STATIC
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  endpoints:
+  - {address: 10.0.0.1, serviceAccount: a, labels: {security.istio.io/tlsMode: istio}}
+  - {address: 10.0.0.2, serviceAccount: a}
+  - {address: 10.0.0.3}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api, namespace: ns}
+spec:
+  host: api.example.com
+  trafficPolicy:
+    portLevelSettings:
+    - port: {number: 443}
+      tls: {mode: SIMPLE, credentialName: api-cred}
+"#;
+        let load = mizzen_config::load::load_str(std::path::Path::new("t.yaml"), yaml);
+        assert_eq!(load.errors().count(), 0);
+        let reg = crate::registry::from_resources(&load.resources, "cluster.local");
+        let push = PushContext::build(
+            "1".into(),
+            MeshSettings::default(),
+            Arc::new(load.resources),
+            reg,
+        );
+        assert_eq!(push.unsupported.len(), 1, "{:?}", push.unsupported);
+        assert!(
+            push.unsupported[0].contains("ns/api")
+                && push.unsupported[0]
+                    .contains("trafficPolicy.portLevelSettings[0].tls.credentialName")
+        );
+        assert_eq!(
+            push.service_identities("api.example.com", 443),
+            [
+                "spiffe://cluster.local/ns/ns/sa/a",
+                "spiffe://cluster.local/ns/ns/sa/default"
+            ]
+        );
+        let eps = push.endpoints("api.example.com", 443);
+        assert!(push.endpoint_accepts_mtls(&eps[0]));
+        assert!(!push.endpoint_accepts_mtls(&eps[1]), "no sidecar label");
+    }
 }
