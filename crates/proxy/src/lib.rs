@@ -21,10 +21,9 @@
 //! Not implemented yet (each is NACKed when the pilot sends it, or listed as accepted but not
 //! enforced): SDS secrets other than `default` / `ROOTCA` (Gateway `credentialName`),
 //! certificate files re-read on change (they load when the resource arrives), CRLs, SPKI/hash
-//! pinning, OCSP, session ticket keys, `x-forwarded-client-cert` on inbound mTLS, TLS 1.0/1.1,
-//! cipher/curve lists (accepted: rustls' fixed modern set), HTTP/2 over TLS upstream with the
-//! request host as `:authority` (TLS pools send the endpoint), RING_HASH /
-//! MAGLEV, priorities and locality weighting,
+//! pinning, OCSP, session ticket keys, `Cert`/`Chain` in `x-forwarded-client-cert`, TLS
+//! 1.0/1.1, cipher/curve lists (accepted: rustls' fixed modern set), presenting the workload
+//! certificate on the xDS connection (the pilot does not ask for it), RING_HASH / MAGLEV, priorities and locality weighting,
 //! circuit-breaker thresholds and connection-pool limits (accepted, not enforced),
 //! the HCM's `upgrade_configs` (read nowhere: every `Upgrade` is tunnelled, the pilot always
 //! allows websocket), HTTP/2 upstream `:authority` to hostname (STRICT_DNS) endpoints,
