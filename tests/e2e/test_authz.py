@@ -513,11 +513,15 @@ metadata: {{name: need-alice, namespace: foo}}
 spec:
   selector: {{matchLabels: {{app: web}}}}
   rules:
-  - to: [{{operation: {{notPaths: ["/secure*", "/admins"]}}}}]
+  - to: [{{operation: {{notPaths: ["/secure*", "/admins", "/nested", "/aud"]}}}}]
   - from: [{{source: {{requestPrincipals: ["{iss}/alice"]}}}}]
     to: [{{operation: {{paths: ["/secure*"]}}}}]
   - to: [{{operation: {{paths: ["/admins"]}}}}]
     when: [{{key: "request.auth.claims[groups]", values: [admin]}}]
+  - to: [{{operation: {{paths: ["/nested"]}}}}]
+    when: [{{key: "request.auth.claims[org][role]", values: [owner]}}]
+  - to: [{{operation: {{paths: ["/aud"]}}}}]
+    when: [{{key: "request.auth.audiences", values: [extra]}}]
 """)
     tok = lambda s, **c: {"x-jwt": "Token " + s.token(**{"iss": iss, "aud": "web", **c})}  # noqa: E731
     alice = tok(k1, sub="alice")
@@ -535,6 +539,10 @@ spec:
         (a, "GET", "/open", {"x-jwt": "Token not.a.jwt"}, 401),
         (a, "GET", "/admins", tok(k1, sub="carol", groups=["dev", "admin"]), 200),    # claim in a list
         (a, "GET", "/admins", tok(k1, sub="carol", groups=["dev"]), 403),
+        (a, "GET", "/nested", tok(k1, sub="carol", org={"role": "owner"}), 200),         # nested claim
+        (a, "GET", "/nested", tok(k1, sub="carol", org={"role": "dev"}), 403),
+        (a, "GET", "/aud", tok(k1, sub="carol", aud=["web", "extra"]), 200),            # audiences
+        (a, "GET", "/aud", tok(k1, sub="carol"), 403),
         (a, "GET", f"/secure?access_token={k1.token(iss=iss, aud='web', sub='alice')}", {}, 200),  # fromParams
     ], "JWT matrix")
     # The app got the original token (forwardOriginalToken) and the payload header.
