@@ -440,7 +440,9 @@ from lib.procs import Proc, run  # noqa: E402
 PROXY_UID = 1337
 APP_PORT = 8080
 FRONT_VIP, BACK_VIP, FRONT_H2_VIP = "10.96.0.40", "10.96.0.41", "10.96.0.42"
+FRONT_TCP_VIP, BACK_TCP_VIP = "10.96.0.43", "10.96.0.44"
 H2_PORT = 8081
+TCP_PORT = 8082
 FRONT_ID = "spiffe://cluster.local/ns/default/sa/front"
 BACK_ID = "spiffe://cluster.local/ns/default/sa/back"
 HERE = Path(__file__).resolve().parent
@@ -480,7 +482,8 @@ def mesh_rules() -> str:
     head, _, rest = rules.partition("-A ISTIO_INBOUND")
     return (head + "-A PREROUTING -p tcp -j ISTIO_INBOUND\n"
             f"-A ISTIO_INBOUND -p tcp --dport {APP_PORT} -j ISTIO_IN_REDIRECT\n"
-            f"-A ISTIO_INBOUND -p tcp --dport {H2_PORT} -j ISTIO_IN_REDIRECT\n-A ISTIO_INBOUND" + rest)
+            f"-A ISTIO_INBOUND -p tcp --dport {H2_PORT} -j ISTIO_IN_REDIRECT\n"
+            f"-A ISTIO_INBOUND -p tcp --dport {TCP_PORT} -j ISTIO_IN_REDIRECT\n-A ISTIO_INBOUND" + rest)
 
 
 def interop_config(front_ip: str, back_ip: str) -> str:
@@ -515,6 +518,17 @@ spec:
   clusterIP: {FRONT_H2_VIP}
   selector: {{app: front}}
   ports: [{{name: http2, port: 8001, targetPort: {H2_PORT}}}]
+""")
+    # The same apps behind TCP ports: tcp_proxy on both sides, still in mesh mTLS.
+    for name, vip in (("front", FRONT_TCP_VIP), ("back", BACK_TCP_VIP)):
+        out.append(f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}-tcp, namespace: default}}
+spec:
+  clusterIP: {vip}
+  selector: {{app: {name}}}
+  ports: [{{name: tcp, port: 8002, targetPort: {TCP_PORT}}}]
 """)
     return "---".join(out)
 
@@ -634,6 +648,10 @@ def interop(mizzen_bin, envoy_bin, require_root):
                                                 str(HERE / "backend.py"), "--name", name, "--host", "0.0.0.0",
                                                 "--port", str(APP_PORT)], base / f"app-{name}.log"))
             apply_in_netns(ns, mesh_rules())
+            m.procs.append(Proc(f"app-{name}-tcp", ["ip", "netns", "exec", ns.name, sys.executable,
+                                                    str(HERE / "backend.py"), "--name", f"{name}-tcp",
+                                                    "--host", "0.0.0.0", "--port", str(TCP_PORT)],
+                                base / f"app-{name}-tcp.log"))
         m.procs.append(Proc("app-front-h2", ["ip", "netns", "exec", m.a.name, sys.executable,
                                              str(HERE / "backend.py"), "--name", "front-h2", "--host", "0.0.0.0",
                                              "--port", str(H2_PORT)], base / "app-front-h2.log"))
@@ -786,3 +804,20 @@ def test_http2_over_mesh_mtls_from_native_to_envoy_keeps_the_authority(interop):
     lines = [l for l in m.native.prometheus().splitlines()
              if l.startswith("istio_requests_total{") and "front-h2" in l]
     assert any(f'destination_principal="{FRONT_ID}"' in l for l in lines), lines
+
+
+def test_tcp_over_mesh_mtls_both_ways(interop):
+    """TCP ports (tcp_proxy) between the two sidecars: still Istio mTLS, both directions; the
+    bytes are the apps' own HTTP, so the app answers and the tap sees none of it."""
+    m = interop
+    a_to_b, b_to_a = f"/tcp/{uuid.uuid4().hex}", f"/tcp/{uuid.uuid4().hex}"
+    m.markers = [a_to_b, b_to_a]
+    tap = m.tap()
+    try:
+        code, body = m.get(m.a, f"http://{BACK_TCP_VIP}:8002{a_to_b}")
+        assert code == 200 and body["name"] == "back-tcp" and body["path"] == a_to_b, (code, body)
+        code, body = m.get(m.b, f"http://{FRONT_TCP_VIP}:8002{b_to_a}")
+        assert code == 200 and body["name"] == "front-tcp" and body["path"] == b_to_a, (code, body)
+    finally:
+        seen = stop_tap(tap)
+    assert seen["markers"] == {a_to_b: 0, b_to_a: 0} and seen["tls"] > 0, seen
