@@ -277,14 +277,19 @@ def test_grpc_local_replies_are_grpc(mesh: RouterMesh):
     """No healthy upstream answers HTTP 200 with grpc-status 14 (UNAVAILABLE), no route
     grpc-status 12 (UNIMPLEMENTED, Envoy's mapping of 404), both as trailers-only responses."""
     import grpc
+
     with _channel(mesh, "grpc-down.example.com") as ch:
         with pytest.raises(grpc.RpcError) as e:
             ch.unary_unary("/mizzen.Echo/Unary")(b"x", timeout=10)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE, (e.value.code(), e.value.details())
+    # grpc-message carries the local reply's text; a plain HTTP 503 would read "Received http2
+    # header with status: 503" here.
+    assert e.value.details() == "no healthy upstream", e.value.details()
     with _channel(mesh, "nowhere.example.org") as ch:
         with pytest.raises(grpc.RpcError) as e:
             ch.unary_unary("/mizzen.Echo/Unary")(b"x", timeout=10)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED, (e.value.code(), e.value.details())
+    assert "http2 header with status" not in (e.value.details() or ""), e.value.details()
 
 
 def test_upstream_failures_answer_like_envoy(mesh: RouterMesh):
