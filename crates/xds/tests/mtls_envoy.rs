@@ -66,7 +66,8 @@ kind: DestinationRule
 metadata: {name: legacy, namespace: foo}
 spec:
   host: legacy
-  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
+  trafficPolicy:
+    tls: {mode: ISTIO_MUTUAL, sni: legacy.internal, subjectAltNames: ["spiffe://cluster.local/ns/foo/sa/legacy"]}
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -315,7 +316,17 @@ fn outbound_auto_mtls_and_destination_rule_modes() {
     assert!(eps.endpoints[0].lb_endpoints[0].metadata.is_none());
     // DR ISTIO_MUTUAL: mTLS even without the label; DR DISABLE: plaintext despite it.
     let legacy = cluster(&cs, "outbound|80||legacy.foo.svc.cluster.local");
-    assert!(legacy.transport_socket.is_some() && legacy.transport_socket_matches.is_empty());
+    assert!(legacy.transport_socket_matches.is_empty());
+    let ctx = upstream_tls(
+        legacy
+            .transport_socket
+            .as_ref()
+            .expect("ISTIO_MUTUAL socket"),
+    );
+    assert_eq!(ctx.sni, "legacy.internal");
+    assert!(
+        format!("{:?}", ctx.common_tls_context).contains("spiffe://cluster.local/ns/foo/sa/legacy")
+    );
     let pinned = cluster(&cs, "outbound|81||pinned.foo.svc.cluster.local");
     assert!(pinned.transport_socket.is_none() && pinned.transport_socket_matches.is_empty());
 

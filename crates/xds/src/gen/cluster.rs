@@ -389,8 +389,18 @@ fn upstream_tls(
         Some(t) => match t.mode {
             net::ClientTlsMode::Disable => {}
             net::ClientTlsMode::IstioMutual => {
+                // The rule's own `sni` / `subjectAltNames` replace Istio's defaults.
                 if push.mesh.ca_enabled {
-                    c.transport_socket = Some(mesh());
+                    let sans = if t.subject_alt_names.is_empty() {
+                        push.service_identities(&svc.hostname, port)
+                    } else {
+                        t.subject_alt_names.clone()
+                    };
+                    let sni = t
+                        .sni
+                        .clone()
+                        .unwrap_or_else(|| mtls::mesh_sni(port, subset, &svc.hostname));
+                    c.transport_socket = Some(mtls::istio_mutual_upstream(sni, &sans));
                 }
             }
             net::ClientTlsMode::Simple | net::ClientTlsMode::Mutual => {
