@@ -168,13 +168,19 @@ def test_split_90_10_from_the_tool_pod(helloworld):
 def test_sidecars_talk_mutual_tls_with_their_own_identities(helloworld):
     """`up` gives every proxy pod a token for the pilot's CA: the tool pod's requests reach
     helloworld's sidecar over Istio mTLS, which sees the tool pod's SPIFFE identity."""
-    stat = "listener.0.0.0.0_15006.ssl.handshake"
-    before = helloworld.envoy_stat("helloworld-v1-0", stat)
     out = helloworld.exec("tool", "sh", "-c",
                           "for i in $(seq 20); do curl -s -m 5 -o /dev/null -w '%{http_code} ' "
-                          "helloworldsvc:8080/; done", timeout=120).stdout
+                          "helloworldsvc:8080/mtls-check; done", timeout=120).stdout
     assert out.split().count("200") == 20, out
-    assert helloworld.envoy_stat("helloworld-v1-0", stat) > before, "no TLS handshake on 15006"
+    # Upstream connections are pooled, so count handshakes overall, and read the access log.
+    assert helloworld.envoy_stat("helloworld-v1-0", "listener.0.0.0.0_15006.ssl.handshake") >= 1
+    logs = list((helloworld.state_dir / "logs").glob("*.helloworld-v1-0.istio-proxy.log"))
+    assert len(logs) == 1, logs
+    # Envoy flushes access logs every 10 s.
+    lines = wait_until(lambda: [ln for ln in logs[0].read_text(errors="replace").splitlines()
+                                if "/mtls-check" in ln], 20, interval=0.5, what="access log lines")
+    assert all("connection_security_policy=mutual_tls" in ln for ln in lines), lines[:3]
+    assert all("downstream_peer=spiffe://cluster.local/ns/" in ln for ln in lines), lines[:3]
     certs = json.loads(helloworld.in_netns("helloworld-v1-0", "curl", "-s", "-m", "5",
                                            "http://127.0.0.1:15000/certs").stdout)
     uris = {s.get("uri") for c in certs["certificates"] for x in c.get("cert_chain", [])
