@@ -55,6 +55,24 @@ impl AuthzPolicies {
         out
     }
 
+    /// `jwtRule.timeout` per `jwksUri` (the shortest when several rules share a URI).
+    pub fn jwks_timeouts(&self) -> BTreeMap<String, std::time::Duration> {
+        let mut out: BTreeMap<String, std::time::Duration> = BTreeMap::new();
+        for j in self
+            .request_authn
+            .iter()
+            .flat_map(|r| r.spec.jwt_rules.iter())
+        {
+            if let (Some(uri), Some(t)) = (&j.jwks_uri, &j.timeout) {
+                let t = t.as_std();
+                out.entry(uri.clone())
+                    .and_modify(|cur| *cur = (*cur).min(t))
+                    .or_insert(t);
+            }
+        }
+        out
+    }
+
     /// Every `jwksUri` of every RequestAuthentication without inline `jwks` (sorted, unique).
     pub fn jwks_uris(&self) -> Vec<String> {
         let mut uris: Vec<String> = self
@@ -268,10 +286,15 @@ spec:
     jwks: '{"keys": []}'
   - issuer: again
     jwksUri: http://127.0.0.1:9/jwks
+    timeout: 2s
 "#,
         );
         assert_eq!(p.jwt_rules_for(&proxy("foo", "web")).len(), 3);
         assert!(p.jwt_rules_for(&proxy("foo", "db")).is_empty());
         assert_eq!(p.authz.jwks_uris(), ["http://127.0.0.1:9/jwks"]);
+        assert_eq!(
+            p.authz.jwks_timeouts().get("http://127.0.0.1:9/jwks"),
+            Some(&std::time::Duration::from_secs(2))
+        );
     }
 }

@@ -106,6 +106,7 @@ fn log_errors(store: &store::Store) {
 /// Fetch the jwksUris the push needs for the first time, put the JWKS snapshot into it, and
 /// report the security config it does not enforce.
 async fn with_jwks(mut push: PushContext, resolver: &jwks::JwksResolver) -> PushContext {
+    resolver.set_timeouts(push.authz.jwks_timeouts());
     resolver.ensure(&push.authz.jwks_uris()).await;
     push.authz.jwks = resolver.snapshot();
     authz::report(&push);

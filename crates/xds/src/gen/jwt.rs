@@ -14,8 +14,8 @@
 //!   Envoy's 401; a request without one passes, and only an AuthorizationPolicy requiring a
 //!   request principal turns it away (403).
 //!
-//! Not implemented: `timeout` (there is no fetch in the proxy), per-path rules (Istio has none
-//! either: trigger rules are gone from the API).
+//! `timeout` bounds the pilot's fetch (the proxy fetches nothing). Not implemented: nothing of
+//! the current API (per-path trigger rules are gone from it).
 
 use super::rbac::append_sorted_map;
 use crate::any::pack;
