@@ -178,6 +178,33 @@ def test_response_flags(mesh: RouterMesh):
     assert [flags[c[1]] for c in cases] == [c[3] for c in cases], flags
 
 
+def test_consistent_hash_by_header_and_cookie(mesh: RouterMesh):
+    """RING_HASH on a header: a user always lands on one pod, users spread over both. MAGLEV
+    on a cookie with a TTL: the first answer sets the cookie, which then sticks."""
+    by_user: dict[str, set] = {}
+    for i in range(40):
+        user = f"user-{i % 10}"
+        r = mesh.gw.get("hash.example.com", "/h", headers={"x-user": user})
+        assert r.status_code == 200, (r.status_code, r.text[:200])
+        by_user.setdefault(user, set()).add(r.headers["x-backend"])
+    assert all(len(b) == 1 for b in by_user.values()), by_user
+    assert set().union(*by_user.values()) == {"web-v1", "web-v2"}, "10 users should use both pods"
+
+    first = mesh.gw.get("hash.example.com", "/sticky")
+    mesh.gw.session.cookies.clear()  # the cookie is sent by hand below, not from the jar
+    assert first.status_code == 200
+    cookie = first.headers.get("set-cookie", "")
+    assert cookie.startswith("mz-session=") and "Max-Age=60" in cookie, cookie
+    value = cookie.split(";", 1)[0].split("=", 1)[1]
+    seen = {mesh.gw.get("hash.example.com", "/sticky", headers={"cookie": f"mz-session={value}"})
+            .headers["x-backend"] for _ in range(10)}
+    assert len(seen) == 1, seen
+    # Different sessions still spread over both pods.
+    spread = {mesh.gw.get("hash.example.com", "/sticky", headers={"cookie": f"mz-session=s{i}"})
+              .headers["x-backend"] for i in range(30)}
+    assert spread == {"web-v1", "web-v2"}, spread
+
+
 def test_mirror_sends_a_copy_to_v2(mesh: RouterMesh):
     tag = uuid.uuid4().hex
     for i in range(5):

@@ -223,6 +223,8 @@ fn lb(l: LbPolicy) -> &'static str {
         LbPolicy::LeastRequest => "LEAST_REQUEST",
         LbPolicy::Random => "RANDOM",
         LbPolicy::ClusterProvided => "CLUSTER_PROVIDED",
+        LbPolicy::RingHash { .. } => "RING_HASH",
+        LbPolicy::Maglev { .. } => "MAGLEV",
     }
 }
 

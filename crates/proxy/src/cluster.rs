@@ -1,6 +1,7 @@
 //! Clusters at run time: the healthy endpoints of one cluster and the load balancer that
 //! picks among them (ROUND_ROBIN, LEAST_REQUEST with two random choices, RANDOM; weights
-//! honoured by expanding each endpoint into a weighted schedule).
+//! honoured by expanding each endpoint into a weighted schedule; RING_HASH and MAGLEV through
+//! the tables of [`crate::hash`], built here once per snapshot).
 //!
 //! Each host also resolves its transport: the cluster's `transport_socket_matches` against
 //! the endpoint's `tlsMode` metadata (Istio's auto mTLS), else the cluster's own TLS context.
@@ -74,6 +75,15 @@ pub struct ClusterLb {
     /// Indexes into `hosts`, each repeated by its weight (bounded) so round robin is weighted.
     schedule: Vec<usize>,
     next: AtomicUsize,
+    table: HashTable,
+}
+
+/// The consistent-hash table of a RING_HASH / MAGLEV cluster.
+#[derive(Debug)]
+enum HashTable {
+    None,
+    Ring(crate::hash::Ring),
+    Maglev(crate::hash::Maglev),
 }
 
 /// The endpoint picked for one attempt. Dropping it ends the request for LEAST_REQUEST.
@@ -119,11 +129,30 @@ impl ClusterLb {
             }
             s
         };
+        let hash_hosts = || -> Vec<crate::hash::HashHost> {
+            hosts
+                .iter()
+                .map(|h| crate::hash::HashHost {
+                    address: h.authority(),
+                    weight: h.endpoint.weight,
+                })
+                .collect()
+        };
+        let table = match config.lb {
+            LbPolicy::RingHash { min_size, max_size } => {
+                HashTable::Ring(crate::hash::Ring::new(&hash_hosts(), min_size, max_size))
+            }
+            LbPolicy::Maglev { table_size } => {
+                HashTable::Maglev(crate::hash::Maglev::new(&hash_hosts(), table_size))
+            }
+            _ => HashTable::None,
+        };
         ClusterLb {
             config,
             hosts,
             schedule,
             next: AtomicUsize::new(random_u64() as usize),
+            table,
         }
     }
 
@@ -133,6 +162,22 @@ impl ClusterLb {
 
     /// Pick a host; `original_dst` serves ORIGINAL_DST clusters. `None` = no healthy upstream.
     pub fn pick(&self, original_dst: Option<SocketAddr>) -> Option<Picked> {
+        self.pick_hashed(original_dst, None)
+    }
+
+    /// Does this cluster balance by a request hash (route `hash_policy`)?
+    pub fn wants_hash(&self) -> bool {
+        !matches!(self.table, HashTable::None)
+    }
+
+    /// [`ClusterLb::pick`] with the request's hash for RING_HASH / MAGLEV clusters: the host
+    /// the key maps to, or the next one in the table that is not ejected. Without a hash (the
+    /// request lacks the header, cookie ...) a hashing cluster picks at random, as Envoy does.
+    pub fn pick_hashed(
+        &self,
+        original_dst: Option<SocketAddr>,
+        hash: Option<u64>,
+    ) -> Option<Picked> {
         if self.is_original_dst() {
             let dst = original_dst?;
             let host = Arc::new(Host::new(Endpoint {
@@ -150,6 +195,27 @@ impl ClusterLb {
         }
         // Skip hosts ejected by outlier detection; if every try lands on one (or all are
         // ejected), use the last pick rather than fail, as Envoy's panic mode does.
+        if let Some(h) = hash {
+            let walk: Box<dyn Iterator<Item = usize> + '_> = match &self.table {
+                HashTable::Ring(r) => Box::new(r.walk(h)),
+                HashTable::Maglev(m) => Box::new(m.walk(h)),
+                HashTable::None => Box::new(std::iter::empty()),
+            };
+            let mut first = None;
+            // Bounded: a table holds at most a few million entries, and the first few hosts
+            // along the walk are enough to find one that is not ejected.
+            for idx in walk.take(64) {
+                first.get_or_insert(idx);
+                if !self.hosts[idx].ejected() {
+                    first = Some(idx);
+                    break;
+                }
+            }
+            if let Some(host) = first.and_then(|i| self.hosts.get(i)).cloned() {
+                host.active.fetch_add(1, Ordering::Relaxed);
+                return Some(Picked { host });
+            }
+        }
         let mut idx = self.pick_index();
         for _ in 0..self.schedule.len().min(8) {
             if !self.hosts[idx].ejected() {
@@ -180,7 +246,9 @@ impl ClusterLb {
             LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
                 self.schedule[self.next.fetch_add(1, Ordering::Relaxed) % self.schedule.len()]
             }
-            LbPolicy::Random => self.schedule[random_below(self.schedule.len())],
+            LbPolicy::Random | LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. } => {
+                self.schedule[random_below(self.schedule.len())]
+            }
             LbPolicy::LeastRequest => {
                 // Power of two choices: two random candidates, the less loaded wins.
                 let a = self.schedule[random_below(self.schedule.len())];

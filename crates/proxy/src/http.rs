@@ -862,6 +862,63 @@ enum Failure {
     PerTryTimeout,
 }
 
+/// The request's hash for RING_HASH / MAGLEV clusters (Envoy's `hash_policy`): policies that
+/// find their key are combined; none found = no hash. A cookie policy with a TTL whose cookie
+/// is missing makes one up, hashes it, and returns the `Set-Cookie` for the response, so the
+/// client sticks from its next request on (Envoy's behaviour).
+fn request_hash(
+    policies: &[crate::hash::HashPolicy],
+    headers: &HeaderMap,
+    path_and_query: &str,
+    source: std::net::IpAddr,
+) -> (Option<u64>, Option<HeaderValue>) {
+    use crate::hash::{combine, cookie_value, hash_key, query_value, HashPolicy as H};
+    let mut acc = None;
+    let mut set_cookie = None;
+    for p in policies {
+        let h = match p {
+            H::Header(name) => {
+                let mut vals = headers.get_all(name).iter().peekable();
+                // Several values hash as Envoy does: each one, combined in order.
+                vals.peek()
+                    .is_some()
+                    .then(|| vals.fold(None, |a, v| Some(combine(a, hash_key(v.as_bytes())))))
+                    .flatten()
+            }
+            H::Cookie { name, path, ttl } => {
+                let found = headers
+                    .get_all(header::COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .find_map(|c| cookie_value(c, name));
+                match (found, ttl) {
+                    (Some(v), _) => Some(hash_key(v.as_bytes())),
+                    (None, Some(ttl)) => {
+                        let value = format!("{:016x}", random_u64());
+                        let mut c = format!("{name}=\"{value}\"; Max-Age={}", ttl.as_secs());
+                        if let Some(path) = path {
+                            c.push_str(&format!("; Path={path}"));
+                        }
+                        c.push_str("; HttpOnly");
+                        set_cookie = HeaderValue::from_str(&c).ok();
+                        Some(hash_key(value.as_bytes()))
+                    }
+                    (None, None) => None,
+                }
+            }
+            H::SourceIp => Some(hash_key(source.to_string().as_bytes())),
+            H::QueryParameter(name) => path_and_query
+                .split_once('?')
+                .and_then(|(_, q)| query_value(q, name))
+                .map(|v| hash_key(v.as_bytes())),
+        };
+        if let Some(h) = h {
+            acc = Some(combine(acc, h));
+        }
+    }
+    (acc, set_cookie)
+}
+
 async fn forward(
     ctx: &ConnCtx,
     snap: &Snapshot,
@@ -949,6 +1006,13 @@ async fn forward(
         mirror(ctx, snap, a, &parts.method, &path, &host, &headers, body);
     }
 
+    // Computed from the request as it arrived (before rewrites), as Envoy's router does.
+    let (hash, set_cookie) = if cluster.wants_hash() {
+        request_hash(&a.hash_policy, &headers, &pq, ctx.peer.ip())
+    } else {
+        (None, None)
+    };
+
     let deadline = a.timeout.map(|t| Instant::now() + t);
     // An upgrade is a tunnel: one attempt, as Envoy does.
     let retry = a.retry.as_ref().filter(|_| upgrade.is_none());
@@ -956,7 +1020,7 @@ async fn forward(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let Some(picked) = cluster.pick(ctx.original_dst) else {
+        let Some(picked) = cluster.pick_hashed(ctx.original_dst, hash) else {
             out.flags.push("UH");
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
@@ -1033,6 +1097,9 @@ async fn forward(
                 apply_response_ops(&mut p.headers, &route.headers);
                 if let Some(ops) = cluster_ops {
                     apply_response_ops(&mut p.headers, ops);
+                }
+                if let Some(c) = &set_cookie {
+                    p.headers.append(header::SET_COOKIE, c.clone());
                 }
                 return Response::from_parts(p, b.boxed());
             }

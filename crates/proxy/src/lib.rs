@@ -35,6 +35,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod config;
+pub mod hash;
 pub mod http;
 pub mod listener;
 pub mod metrics;

@@ -248,6 +248,8 @@ pub struct RouteAction {
     pub host_rewrite: Option<String>,
     pub retry: Option<RetryPolicy>,
     pub mirrors: Vec<Mirror>,
+    /// What RING_HASH / MAGLEV clusters hash (ignored by the other balancers, as in Envoy).
+    pub hash_policy: Vec<crate::hash::HashPolicy>,
 }
 
 #[derive(Clone, Debug)]
@@ -318,6 +320,15 @@ pub enum LbPolicy {
     Random,
     /// ORIGINAL_DST: the connection's own destination.
     ClusterProvided,
+    /// Istio's `consistentHash` (ring hash, Envoy's default for it).
+    RingHash {
+        min_size: u64,
+        max_size: u64,
+    },
+    /// Istio's `consistentHash.maglev`.
+    Maglev {
+        table_size: u64,
+    },
 }
 
 #[derive(Clone, Debug)]

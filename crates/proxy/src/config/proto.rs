@@ -603,8 +603,12 @@ fn route_action(a: &rv3::RouteAction) -> FResult<RouteAction> {
             fraction: fraction(&field, frac)?,
         });
     }
-    // `hash_policy` only feeds RING_HASH / MAGLEV clusters, which are rejected at CDS; with
-    // any other balancer Envoy ignores it too, so accepting it changes nothing.
+    let hash_policy = a
+        .hash_policy
+        .iter()
+        .enumerate()
+        .map(|(i, h)| hash_policy(h).map_err(|e| within(&format!("hash_policy[{i}]"), e)))
+        .collect::<FResult<Vec<_>>>()?;
     let target = match &a.cluster_specifier {
         Some(ClusterSpecifier::Cluster(c)) => ClusterTarget::Single(c.clone()),
         Some(ClusterSpecifier::WeightedClusters(w)) => {
@@ -678,6 +682,7 @@ fn route_action(a: &rv3::RouteAction) -> FResult<RouteAction> {
         host_rewrite,
         retry,
         mirrors,
+        hash_policy,
     })
 }
 
@@ -915,6 +920,48 @@ impl TryFrom<&cv3::Cluster> for Cluster {
     }
 }
 
+fn is_prime(n: u64) -> bool {
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
+}
+
+/// Istio emits one policy per route (header, cookie, source IP or query parameter).
+fn hash_policy(h: &rv3::route_action::HashPolicy) -> FResult<crate::hash::HashPolicy> {
+    use crate::hash::HashPolicy as H;
+    use rv3::route_action::hash_policy::PolicySpecifier as P;
+    match &h.policy_specifier {
+        Some(P::Header(x)) => {
+            if x.regex_rewrite.is_some() {
+                return bad("header.regex_rewrite", "not supported");
+            }
+            http::HeaderName::from_bytes(x.header_name.as_bytes())
+                .map(H::Header)
+                .or_else(|_| {
+                    bad(
+                        "header.header_name",
+                        format!("{:?} is not a header name", x.header_name),
+                    )
+                })
+        }
+        Some(P::Cookie(c)) => {
+            if c.name.is_empty() {
+                return bad("cookie.name", "empty");
+            }
+            Ok(H::Cookie {
+                name: c.name.clone(),
+                path: (!c.path.is_empty()).then(|| c.path.clone()),
+                ttl: c.ttl.as_ref().map(|d| {
+                    Duration::from_secs(d.seconds.max(0) as u64)
+                        + Duration::from_nanos(d.nanos.max(0) as u64)
+                }),
+            })
+        }
+        Some(P::ConnectionProperties(p)) if p.source_ip => Ok(H::SourceIp),
+        Some(P::QueryParameter(q)) if !q.name.is_empty() => Ok(H::QueryParameter(q.name.clone())),
+        Some(P::FilterState(_)) => bad("filter_state", "not supported"),
+        _ => bad("policy_specifier", "empty or not supported"),
+    }
+}
+
 fn cluster(c: &cv3::Cluster) -> FResult<Cluster> {
     use cv3::cluster::{ClusterDiscoveryType, DiscoveryType as D, LbPolicy as L};
     let kind = match &c.cluster_discovery_type {
@@ -934,13 +981,47 @@ fn cluster(c: &cv3::Cluster) -> FResult<Cluster> {
         Ok(L::LeastRequest) => LbPolicy::LeastRequest,
         Ok(L::Random) => LbPolicy::Random,
         Ok(L::ClusterProvided) => LbPolicy::ClusterProvided,
+        Ok(L::RingHash) => {
+            let cfg = match &c.lb_config {
+                Some(cv3::cluster::LbConfig::RingHashLbConfig(r)) => Some(r),
+                _ => None,
+            };
+            let min_size = cfg
+                .and_then(|r| r.minimum_ring_size.as_ref())
+                .map_or(crate::hash::DEFAULT_MIN_RING, |v| v.value);
+            let max_size = cfg
+                .and_then(|r| r.maximum_ring_size.as_ref())
+                .map_or(crate::hash::DEFAULT_MAX_RING, |v| v.value);
+            // Envoy's own limits: a ring is at most 8M entries.
+            if min_size > max_size || max_size > crate::hash::DEFAULT_MAX_RING {
+                return bad(
+                    "ring_hash_lb_config",
+                    format!("ring size {min_size}..{max_size} must be ordered and at most 8388608"),
+                );
+            }
+            LbPolicy::RingHash { min_size, max_size }
+        }
+        Ok(L::Maglev) => {
+            let table_size = match &c.lb_config {
+                Some(cv3::cluster::LbConfig::MaglevLbConfig(m)) => {
+                    m.table_size.as_ref().map(|v| v.value)
+                }
+                _ => None,
+            }
+            .unwrap_or(crate::hash::DEFAULT_MAGLEV_TABLE);
+            // Envoy requires a prime below 5000011.
+            if table_size >= 5_000_011 || !is_prime(table_size) {
+                return bad(
+                    "maglev_lb_config.table_size",
+                    format!("{table_size} is not a prime below 5000011"),
+                );
+            }
+            LbPolicy::Maglev { table_size }
+        }
         Ok(other) => {
             return bad(
                 "lb_policy",
-                format!(
-                    "{} is not supported yet (consistentHash)",
-                    other.as_str_name()
-                ),
+                format!("{} is not supported", other.as_str_name()),
             )
         }
         Err(_) => return bad("lb_policy", "unknown"),
