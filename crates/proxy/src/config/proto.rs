@@ -921,7 +921,10 @@ impl TryFrom<&cv3::Cluster> for Cluster {
 }
 
 fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 /// Istio emits one policy per route (header, cookie, source IP or query parameter).
