@@ -10,7 +10,8 @@
 //!   ALPN) and terminates TLS when the chain has a TLS context ([`tls`]).
 //! - [`http`] (HTTP/1.1 with Upgrade/WebSocket + h2c, gRPC, Envoy's router semantics) or
 //!   [`tcp`] (byte copy).
-//! - [`cluster`]: load balancing over the cluster's endpoints, and each endpoint's transport
+//! - [`cluster`]: load balancing over the cluster's endpoints (consistent hashing in
+//!   [`hash`]), and each endpoint's transport
 //!   (auto mTLS by `tlsMode`, DestinationRule TLS) originated by [`tls`].
 //! - [`secrets`]: the workload certificate from the pilot's CA (SDS `default` / `ROOTCA`),
 //!   rotated in-process.
@@ -23,7 +24,7 @@
 //! certificate files re-read on change (they load when the resource arrives), CRLs, SPKI/hash
 //! pinning, OCSP, session ticket keys, `Cert`/`Chain` in `x-forwarded-client-cert`, TLS
 //! 1.0/1.1, cipher/curve lists (accepted: rustls' fixed modern set), presenting the workload
-//! certificate on the xDS connection (the pilot does not ask for it), RING_HASH / MAGLEV, priorities and locality weighting,
+//! certificate on the xDS connection (the pilot does not ask for it), priorities and locality weighting,
 //! circuit-breaker thresholds and connection-pool limits (accepted, not enforced),
 //! the HCM's `upgrade_configs` (read nowhere: every `Upgrade` is tunnelled, the pilot always
 //! allows websocket), HTTP/2 upstream `:authority` to hostname (STRICT_DNS) endpoints,
