@@ -27,54 +27,26 @@ from lib.netns import NetNS
 
 assert uid_dir  # a fixture, used by name below
 
-HASHED = """\
-# Consistent-hash load balancing (RING_HASH) is not implemented by the native proxy yet: the
-# cluster must be NACKed while everything else keeps working.
+HTTPS_REDIRECT = """\
+# Gateway httpsRedirect (RDS require_tls) is not implemented by the native proxy yet: the route
+# configuration must be NACKed while everything else keeps working.
 apiVersion: networking.istio.io/v1
-kind: ServiceEntry
+kind: Gateway
 metadata:
-  name: hashed
+  name: redirect-gw
   namespace: default
 spec:
-  hosts:
-  - hashed.internal.example
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-  endpoints:
-  - address: {{WEB_V1_IP}}
-    ports:
-      http: {{WEB_PORT}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: hashed
-  namespace: default
-spec:
-  host: hashed.internal.example
-  trafficPolicy:
-    loadBalancer:
-      consistentHash:
-        httpHeaderName: x-user
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: hashed
-  namespace: default
-spec:
-  hosts:
-  - hashed.example.com
-  gateways:
-  - public-gw
-  http:
-  - route:
-    - destination:
-        host: hashed.internal.example
+  selector:
+    istio: ingressgateway
+  servers:
+  - port:
+      number: {{REDIRECT_PORT}}
+      name: http-redirect
+      protocol: HTTP
+    hosts:
+    - redirect-only.example.com
+    tls:
+      httpsRedirect: true
 """
 
 
@@ -104,36 +76,31 @@ def test_istio_metrics_on_the_stats_port(mesh: RouterMesh):
 
 def test_unsupported_feature_is_nacked_and_previous_config_keeps_serving(mesh: RouterMesh):
     node = mesh.proxy.node_id
-    cluster = "outbound|80||hashed.internal.example"
+    port = free_port("0.0.0.0")
+    route = f"http.{port}"
     wait_acked(mesh.pilot, node)
-    rejected_before = mesh.proxy.stats()["cluster_manager.cds.update_rejected"]
-    text = HASHED
-    for k, v in mesh.values.items():
-        text = text.replace("{{" + k + "}}", str(v))
-    mesh.pilot.write("hashed.yaml", text)
+    rejected_before = mesh.proxy.stats()["mizzen.rds.update_rejected"]
+    mesh.pilot.write("https-redirect.yaml", HTTPS_REDIRECT.replace("{{REDIRECT_PORT}}", str(port)))
     try:
         def nacked():
             p = mesh.pilot.syncz_for(node)
-            nack = ((p or {}).get("resources") or {}).get(CDS, {}).get("nack")
-            return nack if nack and cluster in (nack.get("message") or "") else None
+            nack = ((p or {}).get("resources") or {}).get(RDS, {}).get("nack")
+            return nack if nack and route in (nack.get("message") or "") else None
         try:
-            nack = wait_until(nacked, 10, interval=0.2, what=f"CDS NACK naming {cluster}")
+            nack = wait_until(nacked, 10, interval=0.2, what=f"RDS NACK naming {route}")
         except AssertionError as e:
             raise AssertionError(f"{e}\n/debug/syncz: {dump_json(mesh.pilot.syncz())}") from None
         msg = nack["message"]
-        assert f"cluster {cluster}: lb_policy: RING_HASH is not supported yet" in msg, msg
-        assert mesh.proxy.stats()["cluster_manager.cds.update_rejected"] > rejected_before
-        assert cluster not in mesh.proxy.dynamic_names()["clusters"]
+        assert "require_tls" in msg and "httpsRedirect" in msg, msg
+        assert mesh.proxy.stats()["mizzen.rds.update_rejected"] > rejected_before
+        assert route not in mesh.proxy.dynamic_names()["routes"]
 
-        # Everything else keeps working; the route to the rejected cluster answers 503 (NC),
-        # as Envoy does for a cluster it does not have.
+        # Everything else keeps working on the config in force.
         counts = Counter(mesh.gw.get("split.example.com", "/").headers.get("x-backend") for _ in range(50))
         assert set(counts) <= {"web-v1", "web-v2"} and sum(counts.values()) == 50, counts
         assert mesh.gw.backend("match.example.com", "/items/1") == "api-v2"
-        wait_until(lambda: mesh.gw.get("hashed.example.com", "/").status_code == 503, 10,
-                   what="hashed.example.com -> 503 (cluster rejected)")
     finally:
-        mesh.pilot.delete("hashed.yaml")
+        mesh.pilot.delete("https-redirect.yaml")
     # Once the pilot stops sending it, the next version is ACKed again.
     wait_acked(mesh.pilot, node, types=(CDS, LDS, RDS, EDS))
     assert mesh.gw.backend("split.example.com", "/") in ("web-v1", "web-v2")
