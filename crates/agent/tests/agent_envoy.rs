@@ -222,6 +222,7 @@ async fn ready_once_pilot_configures_envoy() {
         debounce: Duration::from_millis(50),
         debounce_max: Duration::from_secs(1),
         secure: None,
+        access_log_file: "/dev/stdout".into(),
     }));
     let (cfg, ports) = config(
         format!("127.0.0.1:{xds_port}"),

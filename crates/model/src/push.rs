@@ -31,6 +31,9 @@ pub struct MeshSettings {
     /// refer to them (auto mTLS, ISTIO_MUTUAL, PeerAuthentication). Without a CA the mesh is
     /// plaintext: no proxy would have certificates to present.
     pub ca_enabled: bool,
+    /// meshConfig.accessLogFile: where proxies write access logs; empty = none (Istio's
+    /// default profile). Mizzen defaults to `/dev/stdout`, as Istio's demo profile does.
+    pub access_log_file: String,
 }
 
 impl Default for MeshSettings {
@@ -41,6 +44,7 @@ impl Default for MeshSettings {
             outbound_mode: net::OutboundMode::AllowAny,
             trust_domain: "cluster.local".into(),
             ca_enabled: false,
+            access_log_file: "/dev/stdout".into(),
         }
     }
 }

@@ -54,6 +54,8 @@ pub struct PilotConfig {
     pub debounce_max: Duration,
     /// The CA and the TLS port (15012); `None` keeps the pilot plaintext-only.
     pub secure: Option<ca_server::SecureConfig>,
+    /// meshConfig.accessLogFile (empty: no access logs).
+    pub access_log_file: String,
 }
 
 /// State shared with the monitoring endpoints.
@@ -83,7 +85,7 @@ fn build_push(
             .as_ref()
             .map(|s| s.trust_domain.clone())
             .unwrap_or_else(|| MeshSettings::default().trust_domain),
-        ..Default::default()
+        access_log_file: cfg.access_log_file.clone(),
     };
     let reg = registry::from_resources(&resources, &cfg.domain);
     let stamp = std::time::SystemTime::now()

@@ -44,7 +44,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::oneshot;
 use tracing::debug;
 
@@ -261,6 +261,8 @@ pub struct ConnCtx {
     pub reporter: &'static str,
     /// Downstream TLS facts (mTLS, peer principal) for metrics.
     pub security: crate::tls::Security,
+    /// The connection manager's access logs (usually none or one).
+    pub access_log: Arc<[crate::access_log::AccessLog]>,
 }
 
 /// Serve one downstream connection (HTTP/1.1 or h2c) until it closes or we shut down.
@@ -297,6 +299,8 @@ struct Outcome {
     cluster: String,
     /// The upstream TLS peer, when the response came over TLS.
     upstream: Option<crate::tls::Security>,
+    /// The endpoint of the last attempt, for the access log.
+    upstream_host: Option<String>,
 }
 
 async fn handle(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
@@ -321,10 +325,13 @@ async fn handle(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
     let authority = authority(&req);
     // For the access log: the id the client sent (one we generate is the upstream's business).
     let request_id = req.headers().get("x-request-id").cloned();
+    // The request as it arrived, only when an access log will print it.
+    let logged = (!ctx.access_log.is_empty()).then(|| (SystemTime::now(), req.headers().clone()));
     let mut out = Outcome {
         flags: Vec::new(),
         cluster: String::new(),
         upstream: None,
+        upstream_host: None,
     };
     let mut resp = route_request(&ctx, req, &authority, &mut out).await;
     ctx.shared.metrics.request_finished();
@@ -371,6 +378,46 @@ async fn handle(ctx: ConnCtx, req: Request<Incoming>) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
     debug!(target: "access_log", %method, %path, %authority, protocol, code, flags = %flags, cluster = %out.cluster, peer = %ctx.peer, duration_ms = ms as u64, request_id = %request_id, "request");
+    if let Some((started, req_headers)) = &logged {
+        let content_length = |h: &HeaderMap| {
+            h.get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let upstream_san = out.upstream.as_ref().and_then(|s| s.peer_principal.clone());
+        let downstream_san = ctx.security.peer_principal.clone();
+        let entry = crate::access_log::Entry {
+            start: Some(*started),
+            duration: start.elapsed(),
+            method: Some(method.as_str()),
+            path: Some(&path),
+            authority: Some(&authority),
+            protocol: Some(match protocol {
+                "http/2" => "HTTP/2",
+                "http/1.0" => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            }),
+            request_headers: Some(req_headers),
+            response_headers: Some(resp.headers()),
+            response_code: code,
+            response_flags: &flags,
+            bytes_received: content_length(req_headers),
+            bytes_sent: content_length(resp.headers()),
+            upstream_host: out.upstream_host.as_deref(),
+            upstream_cluster: Some(&out.cluster)
+                .filter(|c| !c.is_empty())
+                .map(|c| c.as_str()),
+            downstream_remote: Some(ctx.peer),
+            downstream_local: ctx.original_dst,
+            downstream_peer_uri_san: downstream_san.as_deref(),
+            upstream_peer_uri_san: upstream_san.as_deref(),
+            ..Default::default()
+        };
+        for l in ctx.access_log.iter() {
+            l.log(&entry);
+        }
+    }
     resp
 }
 
@@ -1026,6 +1073,7 @@ async fn forward(
         };
         let mut h = headers.clone();
         h.insert("x-envoy-attempt-count", HeaderValue::from(attempt));
+        out.upstream_host = Some(picked.host.authority());
         let tls = cluster.tls_for(&picked.host).cloned();
         let result = attempt_once(
             ctx,

@@ -33,6 +33,7 @@
 //! inbound source, access-log lines in Envoy's format, source_* / destination_workload
 //! metric labels, TCP metrics, `/logging`.
 
+pub mod access_log;
 pub mod admin;
 pub mod cluster;
 pub mod config;

@@ -189,6 +189,7 @@ async fn connection(shared: Arc<Shared>, name: String, stream: TcpStream, peer: 
                 original_dst,
                 reporter,
                 security: security.with_xfcc(&h.xfcc),
+                access_log: h.access_log.clone(),
             };
             drop(snap);
             crate::http::serve(stream, ctx).await;

@@ -30,3 +30,11 @@ pub fn pack<M: Message + Name>(msg: &M) -> Any {
         value: msg.encode_to_vec(),
     }
 }
+
+/// The message in `any` if it is an `M` (by type URL) and decodes.
+pub fn unpack_any<M: Message + Name + Default>(any: &Any) -> Option<M> {
+    if any.type_url != M::type_url() {
+        return None;
+    }
+    M::decode(any.value.as_slice()).ok()
+}

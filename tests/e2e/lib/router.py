@@ -35,7 +35,6 @@ API = "api.internal.example"
 PROXY_KINDS = ("envoy", "native")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 ENVOY_FLAGS = re.compile(r'"[A-Z]+ \S+ \S+" \d+ (\S+) ')
-NATIVE_FLAGS = re.compile(r"\bflags=(\S+)")
 
 
 def render(template: Path, values: dict) -> str:
@@ -105,18 +104,17 @@ class RouterMesh:
 
     def response_flags(self, paths: list[str], timeout: float = 15.0) -> dict[str, str]:
         """Envoy's response flags of each request, by its (unique) path, from the proxy's
-        access log: Envoy's line (``"GET /p HTTP/1.1" 418 FI ...``, relayed by the agent) or
-        the native proxy's ``access_log`` event (``path=/p ... flags=FI``). A gateway
+        access log: the line in the pilot's format (``"GET /p HTTP/1.1" 418 FI ...``), which
+        Envoy writes (relayed by the agent) and the native proxy writes alike. A gateway
         regenerates an outside client's x-request-id, so the path is the key. Envoy writes its
         access log in batches, hence the bounded wait."""
         def scan():
             found = {}
             for line in ANSI.sub("", self.proxy.proc.log_text()).splitlines():
                 for path in paths:
-                    if self.proxy_kind == "envoy" and f" {path} HTTP/" in line:
+                    # Both proxies write the pilot's access-log format (Envoy's text format).
+                    if f" {path} HTTP/" in line:
                         m = ENVOY_FLAGS.search(line)
-                    elif self.proxy_kind == "native" and f" path={path} " in line:
-                        m = NATIVE_FLAGS.search(line)
                     else:
                         continue
                     if m:

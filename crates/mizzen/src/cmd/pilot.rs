@@ -29,6 +29,10 @@ pub struct PilotArgs {
     /// Mesh default for traffic to unknown destinations: ALLOW_ANY or REGISTRY_ONLY.
     #[arg(long, default_value = "ALLOW_ANY", value_parser = ["ALLOW_ANY", "REGISTRY_ONLY"])]
     outbound_traffic_policy: String,
+    /// Where every proxy writes its access log (meshConfig.accessLogFile); "" turns access
+    /// logs off, as Istio's default profile does.
+    #[arg(long, default_value = "/dev/stdout")]
+    access_log_file: String,
     /// Quiet time after a config change before pushing (PILOT_DEBOUNCE_AFTER).
     #[arg(long, default_value_t = 100, env = "PILOT_DEBOUNCE_AFTER_MS")]
     debounce_ms: u64,
@@ -137,6 +141,7 @@ pub fn run(args: PilotArgs) -> anyhow::Result<u8> {
         debounce: Duration::from_millis(args.debounce_ms),
         debounce_max: Duration::from_secs(10),
         secure,
+        access_log_file: args.access_log_file,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

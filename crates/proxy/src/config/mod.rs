@@ -79,6 +79,8 @@ pub struct HttpConnectionManager {
     pub fault_filter: bool,
     /// `x-forwarded-client-cert` handling.
     pub xfcc: Xfcc,
+    /// File access logs, one line per request.
+    pub access_log: Arc<[crate::access_log::AccessLog]>,
 }
 
 /// Envoy's `forward_client_cert_details` + `set_current_client_cert_details`.

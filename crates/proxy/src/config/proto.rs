@@ -279,7 +279,97 @@ fn http_connection_manager(h: &hcm::HttpConnectionManager) -> FResult<NetworkFil
         routes,
         fault_filter,
         xfcc: xfcc(h)?,
+        access_log: access_logs(&h.access_log)?.into(),
     }))
+}
+
+/// `envoy.access_loggers.file` (text format) and `envoy.access_loggers.stdout`; filters and
+/// JSON formats are not supported.
+fn access_logs(
+    logs: &[envoy_types::pb::envoy::config::accesslog::v3::AccessLog],
+) -> FResult<Vec<crate::access_log::AccessLog>> {
+    use crate::access_log::{AccessLog, Format};
+    use envoy_types::pb::envoy::config::accesslog::v3::access_log::ConfigType;
+    use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
+        file_access_log::AccessLogFormat, FileAccessLog,
+    };
+    use envoy_types::pb::envoy::extensions::access_loggers::stream::v3::StdoutAccessLog;
+    let mut out = Vec::new();
+    for (i, l) in logs.iter().enumerate() {
+        let field = format!("access_log[{i}]");
+        if l.filter.is_some() {
+            return bad(
+                format!("{field}.filter"),
+                "access log filters are not supported",
+            );
+        }
+        let Some(ConfigType::TypedConfig(any)) = &l.config_type else {
+            return bad(format!("{field}.typed_config"), "missing");
+        };
+        let text = |f: &Option<core::SubstitutionFormatString>| -> FResult<Format> {
+            use core::substitution_format_string::Format as F;
+            let Some(f) = f else {
+                return Ok(Format::envoy_default());
+            };
+            let src = match &f.format {
+                Some(F::TextFormatSource(d)) => match &d.specifier {
+                    Some(core::data_source::Specifier::InlineString(s)) => s.clone(),
+                    _ => {
+                        return bad(
+                            format!("{field}.log_format"),
+                            "only an inline text format is supported",
+                        )
+                    }
+                },
+                #[allow(deprecated)]
+                Some(F::TextFormat(s)) => s.clone(),
+                None => return Ok(Format::envoy_default()),
+                Some(_) => {
+                    return bad(
+                        format!("{field}.log_format"),
+                        "only text formats are supported (not JSON)",
+                    )
+                }
+            };
+            Format::parse(&src).or_else(|e| bad(format!("{field}.log_format"), e.to_string()))
+        };
+        use prost::Name;
+        let (path, format) = if any.type_url == FileAccessLog::type_url() {
+            let f: FileAccessLog = unpack(&field, any)?;
+            let format = match &f.access_log_format {
+                None => Format::envoy_default(),
+                Some(AccessLogFormat::LogFormat(lf)) => text(&Some(lf.clone()))?,
+                #[allow(deprecated)]
+                Some(AccessLogFormat::Format(s)) => {
+                    Format::parse(s).or_else(|e| bad(format!("{field}.format"), e.to_string()))?
+                }
+                Some(_) => {
+                    return bad(
+                        format!("{field}.access_log_format"),
+                        "only text formats are supported (not JSON)",
+                    )
+                }
+            };
+            (f.path, format)
+        } else if any.type_url == StdoutAccessLog::type_url() {
+            let f: StdoutAccessLog = unpack(&field, any)?;
+            let format = match &f.access_log_format {
+                None => Format::envoy_default(),
+                Some(envoy_types::pb::envoy::extensions::access_loggers::stream::v3::stdout_access_log::AccessLogFormat::LogFormat(lf)) => text(&Some(lf.clone()))?,
+            };
+            ("/dev/stdout".to_string(), format)
+        } else {
+            return bad(
+                format!("{field}.typed_config"),
+                format!("access logger {} is not supported", any.type_url),
+            );
+        };
+        out.push(
+            AccessLog::new(&path, format)
+                .or_else(|e| bad(format!("{field}.path"), e.to_string()))?,
+        );
+    }
+    Ok(out)
 }
 
 fn xfcc(h: &hcm::HttpConnectionManager) -> FResult<Xfcc> {

@@ -68,8 +68,56 @@ pub fn generate(proxy: &Proxy, push: &PushContext) -> Vec<Listener> {
             .map(|l| super::rbac::with_inbound_authz(l, proxy, push))
             .collect(),
     };
+    if push.mesh.access_log_file != DEFAULT_ACCESS_LOG {
+        for l in &mut out {
+            set_access_log_file(l, &push.mesh.access_log_file);
+        }
+    }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// Where access logs go unless meshConfig.accessLogFile says otherwise (Istio's demo profile).
+pub const DEFAULT_ACCESS_LOG: &str = "/dev/stdout";
+
+/// meshConfig.accessLogFile: another file for every HCM's and TCP proxy's access log, or none
+/// at all when empty (Istio's default profile). The builders above always log to
+/// [`DEFAULT_ACCESS_LOG`]; this rewrites the finished listener, which only costs anything when
+/// the mesh changes the default.
+fn set_access_log_file(l: &mut Listener, path: &str) {
+    use crate::any::unpack_any;
+    let fix = |logs: &mut Vec<alv3::AccessLog>| {
+        if path.is_empty() {
+            logs.clear();
+            return;
+        }
+        for log in logs.iter_mut() {
+            if let Some(alv3::access_log::ConfigType::TypedConfig(any)) = &mut log.config_type {
+                if let Some(mut f) = unpack_any::<FileAccessLog>(any) {
+                    f.path = path.to_string();
+                    *any = pack(&f);
+                }
+            }
+        }
+    };
+    let chains = l
+        .filter_chains
+        .iter_mut()
+        .chain(l.default_filter_chain.as_mut());
+    for chain in chains {
+        for filter in &mut chain.filters {
+            let Some(lv3::filter::ConfigType::TypedConfig(any)) = &mut filter.config_type else {
+                continue;
+            };
+            if let Some(mut h) = unpack_any::<HttpConnectionManager>(any) {
+                fix(&mut h.access_log);
+                *any = pack(&h);
+            } else if let Some(mut t) = unpack_any::<TcpProxy>(any) {
+                fix(&mut t.access_log);
+                *any = pack(&t);
+            }
+        }
+    }
 }
 
 // ------------------------------------------------------------------ building blocks

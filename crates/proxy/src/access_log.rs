@@ -1,0 +1,472 @@
+//! Access logs as Envoy writes them: the pilot's `envoy.access_loggers.file` config (a path and
+//! a text format of `%COMMAND%`s) on HTTP connection managers and TCP proxies, one line per
+//! request or connection, with Envoy's response flags.
+//!
+//! The format is parsed once, when the listener arrives ([`Format::parse`]); a line is rendered
+//! on the request path and handed to one writer thread per file through a bounded channel.
+//! The request path never blocks on the file: when the writer falls behind, lines are dropped
+//! and counted (`mizzen_proxy_access_log_dropped`), like Envoy's buffered flushes favour the
+//! data path.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccessLogError {
+    #[error("unterminated command in the access log format at byte {0} (commands look like %NAME% or %NAME(ARG)%)")]
+    Unterminated(usize),
+    #[error("empty command %% in the access log format at byte {0}")]
+    Empty(usize),
+    #[error("opening the access log {path}: {source}")]
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// One piece of a format.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Token {
+    Text(String),
+    /// `%REQ(A?B):N%` / `%RESP(A?B):N%`: a header, its fallback, an optional length cap.
+    Req(String, Option<String>, Option<usize>),
+    Resp(String, Option<String>, Option<usize>),
+    /// Any other command; unknown ones (or ones this proxy does not compute) print `-`, which
+    /// is what Envoy prints for a value it does not have.
+    Command(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Format {
+    tokens: Vec<Token>,
+}
+
+/// Envoy's default format when the config gives none.
+const ENVOY_DEFAULT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"\n";
+
+impl Format {
+    pub fn envoy_default() -> Format {
+        Format::parse(ENVOY_DEFAULT).unwrap_or(Format { tokens: Vec::new() })
+    }
+
+    pub fn parse(s: &str) -> Result<Format, AccessLogError> {
+        let mut tokens = Vec::new();
+        let mut text = String::new();
+        let mut rest = s;
+        let mut at = 0usize;
+        while let Some(i) = rest.find('%') {
+            text.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            let Some(j) = after.find('%') else {
+                return Err(AccessLogError::Unterminated(at + i));
+            };
+            let cmd = &after[..j];
+            if cmd.is_empty() {
+                return Err(AccessLogError::Empty(at + i));
+            }
+            if !text.is_empty() {
+                tokens.push(Token::Text(std::mem::take(&mut text)));
+            }
+            tokens.push(command(cmd));
+            at += i + j + 2;
+            rest = &after[j + 1..];
+        }
+        text.push_str(rest);
+        if !text.is_empty() {
+            tokens.push(Token::Text(text));
+        }
+        Ok(Format { tokens })
+    }
+
+    pub fn render(&self, e: &Entry<'_>) -> String {
+        let mut out = String::with_capacity(256);
+        for t in &self.tokens {
+            match t {
+                Token::Text(s) => out.push_str(s),
+                Token::Req(a, b, max) => header(&mut out, e.request_headers, a, b, *max, Some(e)),
+                Token::Resp(a, b, max) => header(&mut out, e.response_headers, a, b, *max, None),
+                Token::Command(c) => e.command(&mut out, c),
+            }
+        }
+        out
+    }
+}
+
+fn command(cmd: &str) -> Token {
+    let (name, max) = match cmd.rsplit_once("):") {
+        Some((head, n)) if n.bytes().all(|b| b.is_ascii_digit()) => {
+            (format!("{head})"), n.parse().ok())
+        }
+        _ => (cmd.to_string(), None),
+    };
+    let arg = |prefix: &str| {
+        name.strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix(')'))
+            .map(|a| match a.split_once('?') {
+                Some((x, y)) => (x.to_ascii_lowercase(), Some(y.to_ascii_lowercase())),
+                None => (a.to_ascii_lowercase(), None),
+            })
+    };
+    if let Some((a, b)) = arg("REQ(") {
+        return Token::Req(a, b, max);
+    }
+    if let Some((a, b)) = arg("RESP(") {
+        return Token::Resp(a, b, max);
+    }
+    // START_TIME(format) and the like: the argument is not honoured, the value is.
+    let base = name.split('(').next().unwrap_or_default().to_string();
+    Token::Command(base)
+}
+
+fn header(
+    out: &mut String,
+    headers: Option<&http::HeaderMap>,
+    a: &str,
+    b: &Option<String>,
+    max: Option<usize>,
+    // The request's pseudo-headers (`:method` ...), for REQ only.
+    request: Option<&Entry<'_>>,
+) {
+    let get = |name: &str| -> Option<String> {
+        match (name, request) {
+            (":method", Some(e)) => e.method.map(str::to_string),
+            (":path", Some(e)) => e.path.map(str::to_string),
+            (":authority", Some(e)) => e.authority.map(str::to_string),
+            (":scheme", Some(_)) => Some("http".into()),
+            _ => headers?.get(name)?.to_str().ok().map(str::to_string),
+        }
+    };
+    match get(a).or_else(|| b.as_deref().and_then(get)) {
+        Some(v) => {
+            let v = match max {
+                Some(m) => v.chars().take(m).collect(),
+                None => v,
+            };
+            out.push_str(&v);
+        }
+        None => out.push('-'),
+    }
+}
+
+/// What one request (or TCP connection) leaves behind for its log line.
+#[derive(Default)]
+pub struct Entry<'a> {
+    pub start: Option<SystemTime>,
+    pub duration: Duration,
+    pub method: Option<&'a str>,
+    pub path: Option<&'a str>,
+    pub authority: Option<&'a str>,
+    pub protocol: Option<&'a str>,
+    pub request_headers: Option<&'a http::HeaderMap>,
+    pub response_headers: Option<&'a http::HeaderMap>,
+    pub response_code: u16,
+    pub response_flags: &'a str,
+    pub response_code_details: Option<&'a str>,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub upstream_host: Option<&'a str>,
+    pub upstream_cluster: Option<&'a str>,
+    pub downstream_remote: Option<SocketAddr>,
+    pub downstream_local: Option<SocketAddr>,
+    pub requested_server_name: Option<&'a str>,
+    pub route_name: Option<&'a str>,
+    pub downstream_peer_uri_san: Option<&'a str>,
+    pub upstream_peer_uri_san: Option<&'a str>,
+}
+
+impl Entry<'_> {
+    fn command(&self, out: &mut String, c: &str) {
+        let opt = |out: &mut String, v: Option<&str>| match v.filter(|s| !s.is_empty()) {
+            Some(s) => out.push_str(s),
+            None => out.push('-'),
+        };
+        let _ = match c {
+            "START_TIME" => {
+                out.push_str(&rfc3339_millis(self.start.unwrap_or_else(SystemTime::now)));
+                Ok(())
+            }
+            "DURATION" => write!(out, "{}", self.duration.as_millis()),
+            "PROTOCOL" => {
+                opt(out, self.protocol);
+                Ok(())
+            }
+            "RESPONSE_CODE" => write!(out, "{}", self.response_code),
+            "RESPONSE_FLAGS" => {
+                opt(out, Some(self.response_flags));
+                Ok(())
+            }
+            "RESPONSE_CODE_DETAILS" => {
+                opt(out, self.response_code_details);
+                Ok(())
+            }
+            "BYTES_RECEIVED" => write!(out, "{}", self.bytes_received),
+            "BYTES_SENT" => write!(out, "{}", self.bytes_sent),
+            "UPSTREAM_HOST" => {
+                opt(out, self.upstream_host);
+                Ok(())
+            }
+            "UPSTREAM_CLUSTER" => {
+                opt(out, self.upstream_cluster);
+                Ok(())
+            }
+            "DOWNSTREAM_REMOTE_ADDRESS" => addr(out, self.downstream_remote, true),
+            "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => addr(out, self.downstream_remote, false),
+            "DOWNSTREAM_LOCAL_ADDRESS" => addr(out, self.downstream_local, true),
+            "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => addr(out, self.downstream_local, false),
+            "REQUESTED_SERVER_NAME" => {
+                opt(out, self.requested_server_name);
+                Ok(())
+            }
+            "ROUTE_NAME" => {
+                opt(out, self.route_name);
+                Ok(())
+            }
+            "DOWNSTREAM_PEER_URI_SAN" => {
+                opt(out, self.downstream_peer_uri_san);
+                Ok(())
+            }
+            "UPSTREAM_PEER_URI_SAN" => {
+                opt(out, self.upstream_peer_uri_san);
+                Ok(())
+            }
+            _ => {
+                out.push('-');
+                Ok(())
+            }
+        };
+    }
+}
+
+fn addr(out: &mut String, a: Option<SocketAddr>, port: bool) -> std::fmt::Result {
+    match a {
+        Some(a) if port => write!(out, "{a}"),
+        Some(a) => write!(out, "{}", a.ip()),
+        None => {
+            out.push('-');
+            Ok(())
+        }
+    }
+}
+
+/// `2026-11-23T14:10:00.123Z` (Envoy's default START_TIME).
+fn rfc3339_millis(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// One configured access log: where its lines go and how they look.
+#[derive(Clone, Debug)]
+pub struct AccessLog {
+    pub path: Arc<str>,
+    pub format: Arc<Format>,
+    sink: Sink,
+}
+
+impl PartialEq for AccessLog {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path && self.format == other.format
+    }
+}
+
+impl AccessLog {
+    /// Opens (or reuses) the writer of `path`: a config naming an unwritable file is rejected
+    /// when it arrives, not discovered on the first request.
+    pub fn new(path: &str, format: Format) -> Result<AccessLog, AccessLogError> {
+        Ok(AccessLog {
+            path: path.into(),
+            format: Arc::new(format),
+            sink: Sink::for_path(path)?,
+        })
+    }
+
+    pub fn log(&self, e: &Entry<'_>) {
+        let mut line = self.format.render(e);
+        if !line.ends_with('\n') {
+            line.push('\n');
+        }
+        self.sink.send(line);
+    }
+}
+
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Lines dropped because a writer fell behind (exported as a proxy metric).
+pub fn dropped() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+#[derive(Clone, Debug)]
+struct Sink(SyncSender<String>);
+
+impl Sink {
+    fn for_path(path: &str) -> Result<Sink, AccessLogError> {
+        static SINKS: OnceLock<Mutex<HashMap<String, Sink>>> = OnceLock::new();
+        let sinks = SINKS.get_or_init(|| Mutex::new(HashMap::new()));
+        // Config-time only (a listener update), never on the request path.
+        let mut map = sinks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = map.get(path) {
+            return Ok(s.clone());
+        }
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|source| AccessLogError::Open {
+                path: path.to_string(),
+                source,
+            })?;
+        let (tx, rx) = sync_channel::<String>(16 * 1024);
+        let name = format!("access-log {path}");
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(rx, file, &name))
+            .map_err(|source| AccessLogError::Open {
+                path: path.to_string(),
+                source,
+            })?;
+        let sink = Sink(tx);
+        map.insert(path.to_string(), sink.clone());
+        Ok(sink)
+    }
+
+    fn send(&self, line: String) {
+        match self.0.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                DROPPED.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Writes what arrives, flushing whenever the queue is momentarily empty.
+fn write_lines(rx: Receiver<String>, file: std::fs::File, name: &str) {
+    let mut w = std::io::BufWriter::with_capacity(64 * 1024, file);
+    while let Ok(line) = rx.recv() {
+        let mut ok = w.write_all(line.as_bytes()).is_ok();
+        while let Ok(more) = rx.try_recv() {
+            ok &= w.write_all(more.as_bytes()).is_ok();
+        }
+        ok &= w.flush().is_ok();
+        if !ok {
+            tracing::warn!(
+                log = name,
+                "writing the access log failed; lines are being lost"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_renders_envoy_commands() {
+        let f = Format::parse(
+            "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" \
+             %RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(USER-AGENT):4% %RESP(X-B)% %UPSTREAM_HOST% \
+             %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %NOT_A_THING% %DURATION%\n",
+        )
+        .unwrap();
+        let mut req = http::HeaderMap::new();
+        req.insert("user-agent", "curl/8.0".parse().unwrap());
+        let mut resp = http::HeaderMap::new();
+        resp.insert("x-b", "web-v1".parse().unwrap());
+        let e = Entry {
+            start: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_443_000_123)),
+            duration: Duration::from_millis(42),
+            method: Some("GET"),
+            path: Some("/a?b=1"),
+            protocol: Some("HTTP/1.1"),
+            request_headers: Some(&req),
+            response_headers: Some(&resp),
+            response_code: 503,
+            response_flags: "UH",
+            upstream_host: None,
+            downstream_remote: Some("127.0.0.5:4000".parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(
+            f.render(&e),
+            "[2026-11-23T14:10:00.123Z] \"GET /a?b=1 HTTP/1.1\" 503 UH curl web-v1 - 127.0.0.5 - 42\n"
+        );
+    }
+
+    #[test]
+    fn bad_formats_are_errors() {
+        assert!(matches!(
+            Format::parse("a %START_TIME"),
+            Err(AccessLogError::Unterminated(2))
+        ));
+        assert!(matches!(
+            Format::parse("a %% b"),
+            Err(AccessLogError::Empty(2))
+        ));
+        assert_eq!(
+            Format::parse("plain").unwrap().tokens,
+            vec![Token::Text("plain".into())]
+        );
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(
+            rfc3339_millis(SystemTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000Z"
+        );
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339_millis(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn lines_reach_the_file() {
+        let dir = std::env::temp_dir().join(format!("mz-al-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let log = AccessLog::new(
+            path.to_str().unwrap(),
+            Format::parse("%RESPONSE_CODE%").unwrap(),
+        )
+        .unwrap();
+        log.log(&Entry {
+            response_code: 204,
+            ..Default::default()
+        });
+        let mut text = String::new();
+        for _ in 0..100 {
+            text = std::fs::read_to_string(&path).unwrap_or_default();
+            if !text.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(text, "204\n");
+        assert!(AccessLog::new("/nonexistent-dir/x.log", Format::envoy_default()).is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
