@@ -15,7 +15,9 @@
 //!   (auto mTLS by `tlsMode`, DestinationRule TLS) originated by [`tls`].
 //! - [`secrets`]: the workload certificate from the pilot's CA (SDS `default` / `ROOTCA`),
 //!   rotated in-process.
-//! - [`admin`] + [`metrics`]: the admin port, `/healthz/ready` and `/stats/prometheus`.
+//! - [`admin`] + [`metrics`]: the admin port, `/healthz/ready` and `/stats/prometheus`;
+//!   [`access_log`]: the pilot's access-log format, one line per HTTP request (TCP proxies'
+//!   access logs are accepted and not written yet).
 //!
 //! The request path reads config only through `ArcSwap::load`; nothing on it takes a lock.
 //!
@@ -30,7 +32,7 @@
 //! allows websocket), HTTP/2 upstream `:authority` to hostname (STRICT_DNS) endpoints,
 //! request trailers on a retry, closing HTTP/2 upstream connections to endpoints that left
 //! EDS, keeping upgraded (WebSocket) tunnels open through the drain time, JWT claim matching, `httpsRedirect`, IP_TRANSPARENT (TPROXY), 127.0.0.6 as the
-//! inbound source, access-log lines in Envoy's format, source_* / destination_workload
+//! inbound source, source_* / destination_workload
 //! metric labels, TCP metrics, `/logging`.
 
 pub mod access_log;
