@@ -331,14 +331,23 @@ impl Sink {
         if let Some(s) = map.get(path) {
             return Ok(s.clone());
         }
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(|source| AccessLogError::Open {
-                path: path.to_string(),
-                source,
-            })?;
+        // The process's own stdout/stderr, not a reopened /dev/stdout: reopening goes through
+        // /proc/self/fd, which a sidecar running as another user (1337) may not be allowed to
+        // open when its stdout is a file of the user who started it.
+        let file: Box<dyn std::io::Write + Send> = match path {
+            "/dev/stdout" => Box::new(std::io::stdout()),
+            "/dev/stderr" => Box::new(std::io::stderr()),
+            _ => Box::new(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(path)
+                    .map_err(|source| AccessLogError::Open {
+                        path: path.to_string(),
+                        source,
+                    })?,
+            ),
+        };
         let (tx, rx) = sync_channel::<String>(16 * 1024);
         let name = format!("access-log {path}");
         std::thread::Builder::new()
@@ -364,7 +373,7 @@ impl Sink {
 }
 
 /// Writes what arrives, flushing whenever the queue is momentarily empty.
-fn write_lines(rx: Receiver<String>, file: std::fs::File, name: &str) {
+fn write_lines(rx: Receiver<String>, file: Box<dyn std::io::Write + Send>, name: &str) {
     let mut w = std::io::BufWriter::with_capacity(64 * 1024, file);
     while let Ok(line) = rx.recv() {
         let mut ok = w.write_all(line.as_bytes()).is_ok();
