@@ -652,8 +652,10 @@ def interop(mizzen_bin, envoy_bin, require_root):
                                                     str(HERE / "backend.py"), "--name", f"{name}-tcp",
                                                     "--host", "0.0.0.0", "--port", str(TCP_PORT)],
                                 base / f"app-{name}-tcp.log"))
-        m.procs.append(Proc("app-front-h2", ["ip", "netns", "exec", m.a.name, sys.executable,
-                                             str(HERE / "backend.py"), "--name", "front-h2", "--host", "0.0.0.0",
+        # An http2 port: the app speaks HTTP/2 (prior knowledge) and HTTP/1.1 on one port and
+        # says which one it got.
+        m.procs.append(Proc("app-front-h2", ["ip", "netns", "exec", m.a.name, str(mizzen_bin), "sample-app",
+                                             "--name", "front-h2", "--listen-address", "0.0.0.0",
                                              "--port", str(H2_PORT)], base / "app-front-h2.log"))
         mizzen = exec_as_copy(mizzen_bin, base)
         envoy = exec_as_copy(Path(resolve_envoy_elf(str(envoy_bin))), base)
@@ -792,13 +794,13 @@ def test_strict_peer_authentication_refuses_plaintext_at_the_native_sidecar(inte
 
 def test_http2_over_mesh_mtls_from_native_to_envoy_keeps_the_authority(interop):
     """native -> Envoy on an http2 port: HTTP/2 inside Istio mTLS (Envoy's stats say so),
-    with the request's host as :authority, not the endpoint address. (Envoy's inbound cluster
-    then speaks HTTP/1.1 to the app, which sees it as Host.)"""
+    with the request's host as :authority, not the endpoint address; Envoy's inbound cluster
+    of an http2 port speaks HTTP/2 to the app too, as istiod configures it."""
     m = interop
-    path = f"/h2/{uuid.uuid4().hex}"
-    code, body = m.get(m.b, f"http://{FRONT_H2_VIP}:8001{path}")
-    assert code == 200 and body["name"] == "front-h2", (code, body)
-    assert body["host"] == f"{FRONT_H2_VIP}:8001", body
+    code, body = m.get(m.b, f"http://{FRONT_H2_VIP}:8001/headers")
+    assert code == 200, (code, body)
+    assert body["protocol"] == "HTTP/2.0", body
+    assert body["headers"]["Host"] == f"{FRONT_H2_VIP}:8001", body
     h2 = {k: v for k, v in m.envoy.stats().items() if "inbound_0.0.0.0_8081" in k and k.endswith("downstream_rq_http2_total")}
     assert h2 and all(v >= 1 for v in h2.values()), h2
     lines = [l for l in m.native.prometheus().splitlines()

@@ -43,25 +43,39 @@ def wait_until(fn: Callable[[], T], timeout: float, interval: float = 0.1, what:
         time.sleep(interval)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on host right now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+# Ports handed out in this test run. A port is only free until someone binds it: a fixture
+# that picks a gateway port and then starts a proxy that picks its admin ports could get the
+# same number twice (seen once in CI: the gateway's TCP port answered as the admin port). Never
+# hand the same number out twice in one run.
+_HANDED_OUT: set[int] = set()
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct TCP ports free on host right now (the kernel's picks), none of them handed
+    out before in this run."""
     socks, ports = [], []
     try:
-        for _ in range(n):
+        for _ in range(n * 50):  # bounded: the kernel's picks are spread over ~28k ports
+            if len(ports) == n:
+                break
             s = socket.socket()
             s.bind((host, 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
+            socks.append(s)  # held until the end, so the kernel cannot pick it again now
+            port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                ports.append(port)
     finally:
         for s in socks:
             s.close()
+    if len(ports) != n:
+        raise RuntimeError(f"could not find {n} unused ports on {host}")
+    _HANDED_OUT.update(ports)
     return ports
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on host right now (the kernel's pick), not handed out before."""
+    return free_ports(1, host)[0]
 
 
 class Proc:

@@ -271,7 +271,11 @@ async fn route(req: &Request<Incoming>, id: &Identity, port: u16) -> Resp {
     if path == "/headers" {
         return json(
             StatusCode::OK,
-            &serde_json::json!({ "headers": headers_json(req) }),
+            // The protocol the request arrived in: tests check what a proxy spoke upstream.
+            &serde_json::json!({
+                "headers": headers_json(req),
+                "protocol": format!("{:?}", req.version()),
+            }),
         );
     }
     if path == "/json" {

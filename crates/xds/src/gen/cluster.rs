@@ -112,12 +112,27 @@ fn inbound_bind() -> core::BindConfig {
 /// reached on the original destination (the pod IP), from 127.0.0.6.
 fn inbound_clusters(proxy: &Proxy, push: &PushContext) -> Vec<Cluster> {
     let mut out = Vec::new();
-    for (_svc, eps) in push.proxy_services(proxy) {
+    for (svc, eps) in push.proxy_services(proxy) {
         for ep in eps {
             let mut c = base(
                 format!("inbound|{}||", ep.port),
                 cluster::DiscoveryType::Static,
             );
+            // The app behind an http2/grpc port speaks HTTP/2 (often prior knowledge only):
+            // talk HTTP/2 to it, as istiod does for inbound clusters of such ports.
+            let h2 = svc.ports.iter().any(|p| {
+                p.protocol.is_http2()
+                    && push
+                        .endpoints(&svc.hostname, p.port)
+                        .iter()
+                        .any(|e| e.port == ep.port && e.address == ep.address)
+            });
+            if h2 {
+                c.typed_extension_protocol_options = HashMap::from([(
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
+                    pack(&http2_only()),
+                )]);
+            }
             c.load_assignment = Some(ev3::ClusterLoadAssignment {
                 cluster_name: c.name.clone(),
                 endpoints: vec![ev3::LocalityLbEndpoints {
@@ -132,6 +147,20 @@ fn inbound_clusters(proxy: &Proxy, push: &PushContext) -> Vec<Cluster> {
         }
     }
     out
+}
+
+fn http2_only() -> httpv3::HttpProtocolOptions {
+    use httpv3::http_protocol_options::{explicit_http_config::ProtocolConfig, *};
+    httpv3::HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                    core::Http2ProtocolOptions::default(),
+                )),
+            },
+        )),
+        ..Default::default()
+    }
 }
 
 /// An endpoint of a service, carrying `{envoy.transport_socket_match: {tlsMode: istio}}`
