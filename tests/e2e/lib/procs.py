@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import random
 import socket
 import subprocess
 import time
@@ -43,38 +44,54 @@ def wait_until(fn: Callable[[], T], timeout: float, interval: float = 0.1, what:
         time.sleep(interval)
 
 
-# Ports handed out in this test run. A port is only free until someone binds it: a fixture
-# that picks a gateway port and then starts a proxy that picks its admin ports could get the
-# same number twice (seen once in CI: the gateway's TCP port answered as the admin port). Never
-# hand the same number out twice in one run.
+# Ports handed out in this test run. A port is only free until someone binds it, so:
+# - never hand the same number out twice in one run (a fixture picking a gateway port and a
+#   proxy then picking its admin ports got the same number once in CI);
+# - pick below the kernel's ephemeral range: a port taken from inside it can become the local
+#   port of some outgoing connection before its server binds it (seen in CI: "binding the
+#   status port 0.0.0.0:37361: Address already in use").
 _HANDED_OUT: set[int] = set()
+_RNG = random.Random()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct TCP ports free on host right now (the kernel's picks), none of them handed
-    out before in this run."""
-    socks, ports = [], []
-    try:
-        for _ in range(n * 50):  # bounded: the kernel's picks are spread over ~28k ports
-            if len(ports) == n:
-                break
-            s = socket.socket()
-            s.bind((host, 0))
-            socks.append(s)  # held until the end, so the kernel cannot pick it again now
-            port = s.getsockname()[1]
-            if port not in _HANDED_OUT:
-                ports.append(port)
-    finally:
-        for s in socks:
-            s.close()
+    """n distinct TCP ports that nothing uses on any address right now (checked by binding
+    0.0.0.0, which also covers ``host``), below the ephemeral range, none handed out before in
+    this run."""
+    low, high = 10000, max(_ephemeral_low(), 10001)
+    ports: list[int] = []
+    for _ in range(n * 200):  # bounded
+        if len(ports) == n:
+            break
+        port = _RNG.randrange(low, high)
+        if port in _HANDED_OUT or port in ports:
+            continue
+        ok = True
+        for addr in {"0.0.0.0", host}:
+            with socket.socket() as s:
+                try:
+                    s.bind((addr, port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            ports.append(port)
     if len(ports) != n:
-        raise RuntimeError(f"could not find {n} unused ports on {host}")
+        raise RuntimeError(f"could not find {n} unused ports below {high} on {host}")
     _HANDED_OUT.update(ports)
     return ports
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on host right now (the kernel's pick), not handed out before."""
+    """A TCP port nothing uses right now, below the ephemeral range, not handed out before."""
     return free_ports(1, host)[0]
 
 
