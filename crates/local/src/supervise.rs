@@ -63,28 +63,32 @@ async fn run(st: State) -> Result<()> {
     Ok(())
 }
 
+/// Writes the pid file under the lock: writers share one temporary file (write, then
+/// rename), so two tasks writing at once could otherwise rename the other's older snapshot
+/// into place and lose a pid for good (seen in CI: an app shown as not running, `up` timing
+/// out).
 fn write_pids(dir: &Path, pids: &Arc<Mutex<Pids>>) {
-    let snapshot = match pids.lock() {
-        Ok(g) => g.clone(),
-        Err(p) => p.into_inner().clone(),
+    let g = match pids.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     };
-    if let Err(e) = state::write_json(&state::pids_path(dir), &snapshot) {
+    if let Err(e) = state::write_json(&state::pids_path(dir), &*g) {
         tracing::warn!("{e}");
     }
 }
 
 fn set_pid(dir: &Path, pids: &Arc<Mutex<Pids>>, name: &str, id: Option<ProcId>) {
-    {
-        let mut g = match pids.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        match id {
-            Some(id) => g.insert(name.to_string(), id),
-            None => g.remove(name),
-        };
+    let mut g = match pids.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    match id {
+        Some(id) => g.insert(name.to_string(), id),
+        None => g.remove(name),
+    };
+    if let Err(e) = state::write_json(&state::pids_path(dir), &*g) {
+        tracing::warn!("{e}");
     }
-    write_pids(dir, pids);
 }
 
 fn open_log(path: &PathBuf) -> std::io::Result<std::fs::File> {
