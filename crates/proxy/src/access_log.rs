@@ -5,7 +5,7 @@
 //! The format is parsed once, when the listener arrives ([`Format::parse`]); a line is rendered
 //! on the request path and handed to one writer thread per file through a bounded channel.
 //! The request path never blocks on the file: when the writer falls behind, lines are dropped
-//! and counted (`mizzen_proxy_access_log_dropped`), like Envoy's buffered flushes favour the
+//! and counted ([`dropped`]; not exported as a metric yet), like Envoy's buffered flushes favour the
 //! data path.
 
 use std::collections::HashMap;
@@ -314,7 +314,7 @@ impl AccessLog {
 
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
-/// Lines dropped because a writer fell behind (exported as a proxy metric).
+/// Lines dropped because a writer fell behind (not exported as a metric yet).
 pub fn dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
