@@ -41,8 +41,10 @@ pub mod cluster;
 pub mod config;
 pub mod hash;
 pub mod http;
+pub mod jwt;
 pub mod listener;
 pub mod metrics;
+pub mod rbac;
 pub mod secrets;
 pub mod snapshot;
 pub mod tcp;
@@ -213,6 +215,8 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ProxyError> {
     let shared = Shared::new(opts.reporter);
+    // Our side of Istio's metric labels and of the metadata exchange.
+    shared.metrics.set_local(&opts.node);
     let identity_task = opts
         .identity
         .clone()

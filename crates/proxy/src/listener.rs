@@ -184,7 +184,11 @@ async fn connection(shared: Arc<Shared>, name: String, stream: TcpStream, peer: 
             let ctx = crate::http::ConnCtx {
                 shared: shared.clone(),
                 route_key,
-                fault_filter: h.fault_filter,
+                http_filters: h.http_filters.clone(),
+                use_remote_address: h.use_remote_address,
+                xff_num_trusted_hops: h.xff_num_trusted_hops,
+                local: dst,
+                sni: sniffed.hello.sni.as_deref().map(Arc::from),
                 peer,
                 original_dst,
                 reporter,
@@ -195,9 +199,21 @@ async fn connection(shared: Arc<Shared>, name: String, stream: TcpStream, peer: 
             crate::http::serve(stream, ctx).await;
         }
         NetworkFilter::Tcp(t) => {
-            let target = t.target.clone();
+            let cfg = t.clone();
+            let conn = crate::tcp::TcpConn {
+                peer,
+                local: dst,
+                original_dst,
+                reporter: if listener.name == VIRTUAL_INBOUND {
+                    "destination"
+                } else {
+                    "source"
+                },
+                security,
+                sni: sniffed.hello.sni.as_deref().map(Arc::from),
+            };
             drop(snap);
-            crate::tcp::proxy(shared, stream, &target, original_dst).await;
+            crate::tcp::proxy(shared, stream, &cfg, conn).await;
         }
     }
 }

@@ -74,14 +74,42 @@ pub enum NetworkFilter {
 pub struct HttpConnectionManager {
     pub stat_prefix: String,
     pub routes: RouteSource,
-    /// Names of the fault / router filters present; a route's fault config only applies when
-    /// the listener installed the fault filter (as in Envoy).
-    pub fault_filter: bool,
+    /// The HTTP filters in the order Envoy runs their decoders (the HCM's `http_filters`);
+    /// the last is the router. A route's fault or CORS config applies only when that filter
+    /// is installed (as in Envoy).
+    pub http_filters: Arc<[HttpFilter]>,
+    /// `use_remote_address`: this proxy is the edge (gateways), so the downstream peer is the
+    /// client address and is appended to `x-forwarded-for`; otherwise the client address is
+    /// taken from `x-forwarded-for` (see [`crate::rbac::remote_ip`]).
+    pub use_remote_address: bool,
+    /// `xff_num_trusted_hops`.
+    pub xff_num_trusted_hops: u32,
     /// `x-forwarded-client-cert` handling.
     pub xfcc: Xfcc,
     /// File access logs, one line per request.
     pub access_log: Arc<[crate::access_log::AccessLog]>,
 }
+
+/// One HTTP filter of an HCM, converted from its `http_filters` entry.
+#[derive(Clone, Debug)]
+pub enum HttpFilter {
+    /// `envoy.filters.http.jwt_authn`: verifies tokens and writes each verified payload into
+    /// the request's dynamic metadata under its issuer (engineer B fills this in; until then
+    /// the filter is NACKed by [`proto`]).
+    JwtAuthn(Arc<JwtAuthn>),
+    /// `envoy.filters.http.rbac`.
+    Rbac(Arc<crate::rbac::HttpRbac>),
+    /// `envoy.filters.http.fault`: the route's fault config.
+    Fault,
+    /// `envoy.filters.http.cors`: the route's CORS policy.
+    Cors,
+    /// `envoy.filters.http.router`: always last.
+    Router,
+}
+
+/// Placeholder for the compiled jwt_authn config (engineer B replaces it).
+#[derive(Debug)]
+pub struct JwtAuthn {}
 
 /// Envoy's `forward_client_cert_details` + `set_current_client_cert_details`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -118,6 +146,8 @@ pub enum RouteSource {
 pub struct TcpProxy {
     pub stat_prefix: String,
     pub target: ClusterTarget,
+    /// One line per connection, when it closes (usually none or one).
+    pub access_log: Arc<[crate::access_log::AccessLog]>,
 }
 
 #[derive(Clone, Debug)]
@@ -356,6 +386,42 @@ pub struct Cluster {
     /// endpoint's `envoy.transport_socket_match` metadata decides (Istio's auto mTLS:
     /// `tlsMode: istio` -> ISTIO_MUTUAL, else plaintext).
     pub transport_matches: Vec<TransportSocketMatch>,
+    /// Circuit breakers and connection-pool settings (DestinationRule `connectionPool`).
+    pub pool: PoolLimits,
+    /// `common_lb_config.locality_weighted_lb_config`: pick a locality by its weight (and
+    /// health) before a host in it; otherwise locality weights are ignored, as in Envoy.
+    pub locality_weighted: bool,
+}
+
+/// A cluster's circuit-breaker thresholds (default priority) and upstream connection
+/// settings, as Envoy applies them: `circuit_breakers.thresholds`,
+/// `common_http_protocol_options.{max_requests_per_connection, idle_timeout}`. Istio sets
+/// every threshold to `u32::MAX` unless a DestinationRule's `connectionPool` says otherwise.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolLimits {
+    pub max_connections: u32,
+    pub max_pending_requests: u32,
+    pub max_requests: u32,
+    pub max_retries: u32,
+    /// 0: unlimited.
+    pub max_requests_per_connection: u32,
+    /// An upstream connection idle this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolLimits {
+    /// Envoy's defaults for a cluster without `circuit_breakers` (1024 / 1024 / 1024 / 3)
+    /// and its 1 h upstream idle timeout.
+    fn default() -> PoolLimits {
+        PoolLimits {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+            max_requests_per_connection: 0,
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -387,6 +453,17 @@ pub struct Endpoint {
     /// String values of the endpoint's `envoy.transport_socket_match` metadata
     /// (`tlsMode: istio`).
     pub transport_metadata: Vec<(String, String)>,
+    /// istiod's `istio: {workload: ...}` metadata: who runs there, for the `destination_*`
+    /// metric labels.
+    pub workload: Option<std::sync::Arc<crate::metrics::Workload>>,
+    /// The EDS priority of the endpoint's locality group (0 = highest).
+    pub priority: u32,
+    /// Index of the endpoint's `LocalityLbEndpoints` in its assignment: endpoints sharing it
+    /// share a locality.
+    pub locality: u32,
+    /// That locality's `load_balancing_weight` (0 = unset: never picked when the cluster
+    /// weighs localities).
+    pub locality_weight: u32,
 }
 
 /// A `ClusterLoadAssignment`.

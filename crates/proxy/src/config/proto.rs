@@ -248,23 +248,31 @@ fn network_filter(f: &lv3::Filter) -> FResult<NetworkFilter> {
 
 fn http_connection_manager(h: &hcm::HttpConnectionManager) -> FResult<NetworkFilter> {
     use hcm::http_connection_manager::RouteSpecifier;
-    let mut fault_filter = false;
-    let mut router = false;
+    let mut http_filters = Vec::with_capacity(h.http_filters.len());
     for (i, f) in h.http_filters.iter().enumerate() {
-        match f.name.as_str() {
-            FAULT_FILTER => fault_filter = true,
-            // CORS with no per-route policy is a no-op; a per-route policy is rejected below.
-            CORS_FILTER => {}
-            ROUTER_FILTER => router = true,
-            other => {
-                return bad(
-                    format!("http_filters[{i}]"),
-                    format!("HTTP filter {other} is not supported"),
-                )
+        let field = format!("http_filters[{i}]");
+        if f.is_optional || f.disabled {
+            return bad(field, "optional / disabled HTTP filters are not supported");
+        }
+        let filter = match f.name.as_str() {
+            FAULT_FILTER => HttpFilter::Fault,
+            CORS_FILTER => HttpFilter::Cors,
+            ROUTER_FILTER => HttpFilter::Router,
+            // Engineer B: `JWT_AUTHN_FILTER => HttpFilter::JwtAuthn(..)`, converted from the
+            // filter's typed_config; until then jwt_authn falls to the NACK below.
+            other => return bad(field, format!("HTTP filter {other} is not supported")),
+        };
+        let last = matches!(filter, HttpFilter::Router);
+        http_filters.push(filter);
+        // Envoy never runs a filter after the terminal router.
+        if last {
+            if i + 1 != h.http_filters.len() {
+                return bad(field, "the router must be the last HTTP filter");
             }
+            break;
         }
     }
-    if !router {
+    if !matches!(http_filters.last(), Some(HttpFilter::Router)) {
         return bad("http_filters", "no envoy.filters.http.router");
     }
     let routes = match &h.route_specifier {
@@ -277,7 +285,9 @@ fn http_connection_manager(h: &hcm::HttpConnectionManager) -> FResult<NetworkFil
     Ok(NetworkFilter::Http(HttpConnectionManager {
         stat_prefix: h.stat_prefix.clone(),
         routes,
-        fault_filter,
+        http_filters: http_filters.into(),
+        use_remote_address: h.use_remote_address.as_ref().is_some_and(|b| b.value),
+        xff_num_trusted_hops: h.xff_num_trusted_hops,
         xfcc: xfcc(h)?,
         access_log: access_logs(&h.access_log)?.into(),
     }))
@@ -417,6 +427,7 @@ fn tcp_proxy(t: &tcpv3::TcpProxy) -> FResult<NetworkFilter> {
     Ok(NetworkFilter::Tcp(TcpProxy {
         stat_prefix: t.stat_prefix.clone(),
         target,
+        access_log: access_logs(&t.access_log)?.into(),
     }))
 }
 
@@ -1140,6 +1151,7 @@ fn cluster(c: &cv3::Cluster) -> FResult<Cluster> {
         .map(|o| outlier(o).map_err(|e| within("outlier_detection", e)))
         .transpose()?;
     let mut http2 = false;
+    let mut pool = circuit_breakers(c.circuit_breakers.as_ref());
     for (k, any) in &c.typed_extension_protocol_options {
         if k != HTTP_PROTOCOL_OPTIONS {
             return bad(
@@ -1148,6 +1160,17 @@ fn cluster(c: &cv3::Cluster) -> FResult<Cluster> {
             );
         }
         let o: upv3::HttpProtocolOptions = unpack("typed_extension_protocol_options", any)?;
+        if let Some(common) = &o.common_http_protocol_options {
+            if let Some(m) = &common.max_requests_per_connection {
+                pool.max_requests_per_connection = m.value;
+            }
+            // Zero disables Envoy's idle timeout.
+            match common.idle_timeout.as_ref().map(duration) {
+                Some(d) if d.is_zero() => pool.idle_timeout = Duration::MAX,
+                Some(d) => pool.idle_timeout = d,
+                None => {}
+            }
+        }
         use upv3::http_protocol_options::explicit_http_config::ProtocolConfig;
         use upv3::http_protocol_options::UpstreamProtocolOptions;
         if let Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) = &o.upstream_protocol_options {
@@ -1212,7 +1235,41 @@ fn cluster(c: &cv3::Cluster) -> FResult<Cluster> {
         source_address,
         tls,
         transport_matches,
+        pool,
+        locality_weighted: matches!(
+            c.common_lb_config
+                .as_ref()
+                .and_then(|l| l.locality_config_specifier.as_ref()),
+            Some(
+                cv3::cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(
+                    _
+                )
+            )
+        ),
     })
+}
+
+/// The default-priority thresholds (Istio emits no others; HIGH priority is not modelled,
+/// every request here is default priority). A threshold left out keeps Envoy's default.
+fn circuit_breakers(cb: Option<&cv3::CircuitBreakers>) -> PoolLimits {
+    let mut pool = PoolLimits::default();
+    let Some(t) = cb.and_then(|cb| {
+        cb.thresholds
+            .iter()
+            .find(|t| t.priority == core::RoutingPriority::Default as i32)
+    }) else {
+        return pool;
+    };
+    let set = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d: &mut u32| {
+        if let Some(v) = v {
+            *d = v.value;
+        }
+    };
+    set(&t.max_connections, &mut pool.max_connections);
+    set(&t.max_pending_requests, &mut pool.max_pending_requests);
+    set(&t.max_requests, &mut pool.max_requests);
+    set(&t.max_retries, &mut pool.max_retries);
+    pool
 }
 
 fn outlier(o: &cv3::OutlierDetection) -> FResult<OutlierDetection> {
@@ -1285,14 +1342,26 @@ impl TryFrom<&ev3::ClusterLoadAssignment> for Endpoints {
 }
 
 fn endpoints(la: &ev3::ClusterLoadAssignment) -> FResult<Endpoints> {
+    // The native proxy balances priorities with Envoy's default overprovisioning factor
+    // (1.4); any other would silently change where traffic spills.
+    if let Some(f) = la
+        .policy
+        .as_ref()
+        .and_then(|p| p.overprovisioning_factor.as_ref())
+        .filter(|f| f.value != crate::cluster::OVERPROVISIONING)
+    {
+        return bad(
+            "policy.overprovisioning_factor",
+            format!(
+                "{} is not supported (only Envoy's default {})",
+                f.value,
+                crate::cluster::OVERPROVISIONING
+            ),
+        );
+    }
     let mut out = Vec::new();
     for (i, loc) in la.endpoints.iter().enumerate() {
-        if loc.priority != 0 {
-            return bad(
-                format!("endpoints[{i}].priority"),
-                "priorities are not supported yet",
-            );
-        }
+        let locality = u32::try_from(i).unwrap_or(u32::MAX);
         for (j, e) in loc.lb_endpoints.iter().enumerate() {
             let field = format!("endpoints[{i}].lb_endpoints[{j}]");
             use ev3::lb_endpoint::HostIdentifier;
@@ -1316,6 +1385,10 @@ fn endpoints(la: &ev3::ClusterLoadAssignment) -> FResult<Endpoints> {
                         | core::HealthStatus::Degraded
                 ),
                 transport_metadata: transport_metadata(e.metadata.as_ref()),
+                workload: workload_metadata(e.metadata.as_ref()),
+                priority: loc.priority,
+                locality,
+                locality_weight: loc.load_balancing_weight.as_ref().map_or(0, |w| w.value),
             });
         }
     }
@@ -1710,6 +1783,21 @@ fn transport_socket_match(m: &cv3::cluster::TransportSocketMatch) -> FResult<Tra
         criteria,
         tls,
     })
+}
+
+/// istiod's endpoint metadata `istio: {workload: "name;namespace;canonical-service;
+/// canonical-revision;cluster"}`; anything else there is ignored (it only labels metrics).
+fn workload_metadata(
+    md: Option<&core::Metadata>,
+) -> Option<std::sync::Arc<crate::metrics::Workload>> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let v = md?.filter_metadata.get("istio")?.fields.get("workload")?;
+    match &v.kind {
+        Some(Kind::StringValue(s)) => {
+            crate::metrics::Workload::from_endpoint_metadata(s).map(std::sync::Arc::new)
+        }
+        _ => None,
+    }
 }
 
 /// String values of the `envoy.transport_socket_match` metadata (Istio's `tlsMode`).

@@ -1,0 +1,1 @@
+//! Envoy RBAC protos -> [`super`] types (conversion follows).
