@@ -188,6 +188,27 @@ def test_sidecars_talk_mutual_tls_with_their_own_identities(helloworld):
     assert any(u and u.startswith("spiffe://cluster.local/ns/") for u in uris), uris
 
 
+def pilot_ports_in_use(m: Mesh, pod: str) -> set[int]:
+    """Remote ports of the pod's established connections to the pilot (the bridge address)."""
+    out = m.in_netns(pod, "ss", "-Htn", "state", "established", "dst", "10.244.0.1").stdout
+    return {int(line.split()[-1].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
+
+
+def assert_xds_over_tls(m: Mesh, pod: str) -> None:
+    """The proxy's only connection to the pilot is on the CA's TLS port, not on plaintext xDS."""
+    plain = int(m.status_json["pilot"]["xds"].rsplit(":", 1)[1])
+    ports = pilot_ports_in_use(m, pod)
+    assert ports and plain not in ports, (pod, plain, ports)
+
+
+def test_xds_goes_over_tls_to_the_pilot(helloworld):
+    """With the mesh CA, proxies fetch config over the pilot's TLS port (Istio's 15012),
+    verifying it against the root: Envoy's xds-grpc cluster completed TLS handshakes."""
+    for pod in ("tool-0", "helloworld-v1-0"):
+        assert_xds_over_tls(helloworld, pod)
+        assert helloworld.envoy_stat(pod, "cluster.xds-grpc.ssl.handshake") >= 1, pod
+
+
 def test_capture_rules_in_sidecar_pods_only(helloworld):
     rules = helloworld.in_netns("tool-0", "iptables-save").stdout
     for chain in ("ISTIO_INBOUND", "ISTIO_OUTPUT", "ISTIO_REDIRECT", "ISTIO_IN_REDIRECT"):
@@ -362,6 +383,8 @@ def test_native_sidecars_split_and_count_with_reporter_destination(mizzen_bin, e
         assert v1 + v2 == 200 and 160 <= v1 <= 195, f"v1={v1} v2={v2} other={lines[:5]}"
         assert destination_requests(m, "helloworld-v1-0") >= v1
         assert destination_requests(m, "helloworld-v2-0") >= v2
+        # The native proxies fetch their config over TLS as well.
+        assert_xds_over_tls(m, "tool-0")
         # The tool pod's own sidecar reports nothing as destination: it only sent.
         assert destination_requests(m, "tool-0") == 0
         code, took = m.exec("tool", "curl", "-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code} %{time_total}",

@@ -34,7 +34,8 @@
 //!   15012 or a free port): the root is created at the first `up` and kept by `down`, as
 //!   Istio keeps its root. `up` mints one token per proxy pod (`STATE_DIR/tokens/NS.POD`,
 //!   readable by uid 1337 only) for the pod's service account, so each proxy gets exactly its
-//!   own SPIFFE identity; proxy pods carry the injector's `security.istio.io/tlsMode: istio`
+//!   own SPIFFE identity. Proxies then reach xDS on that TLS port as well, verifying the
+//!   pilot against the root and presenting their workload certificate; proxy pods carry the injector's `security.istio.io/tlsMode: istio`
 //!   label, and sidecar-to-sidecar traffic is Istio mTLS (auto mTLS, PERMISSIVE by default,
 //!   PeerAuthentication honoured). The agents' directories (SDS socket) are
 //!   `STATE_DIR/agents/POD_IP`: short, since Unix socket paths are limited.

@@ -398,9 +398,16 @@ pub fn proxy_identity_args(
     if let Some(envoy) = &bins.envoy {
         a.extend(["--envoy".to_string(), envoy.display().to_string()]);
     }
+    // With the pilot's CA, xDS goes over its TLS port too (Istio's 15012): the proxy verifies
+    // the pilot against the mesh root and presents its own workload certificate. 15010 stays
+    // plaintext for tools and pods outside the mesh identity.
+    let discovery_port = bins
+        .identity
+        .as_ref()
+        .map_or(bins.xds_port, |id| id.secure_port);
     a.extend([
         "--discovery-address".into(),
-        format!("{BRIDGE_IP}:{}", bins.xds_port),
+        format!("{BRIDGE_IP}:{discovery_port}"),
         "--pod-name".into(),
         pod.to_string(),
         "--namespace".into(),
@@ -939,7 +946,7 @@ spec:
         assert!(gw
             .argv
             .windows(2)
-            .any(|w| w == ["--discovery-address", "10.244.0.1:15010"]));
+            .any(|w| w == ["--discovery-address", "10.244.0.1:15012"]));
         // Workload identity: the injector's tlsMode label on proxy pods only, and the CA
         // flags with this pod's own token and a short agent directory (SDS socket).
         assert_eq!(
