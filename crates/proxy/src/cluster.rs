@@ -186,6 +186,7 @@ impl ClusterLb {
                 weight: 1,
                 healthy: true,
                 transport_metadata: Vec::new(),
+                workload: None,
             }));
             host.active.fetch_add(1, Ordering::Relaxed);
             return Some(Picked { host });
@@ -356,6 +357,7 @@ mod tests {
             weight,
             healthy,
             transport_metadata: Vec::new(),
+            workload: None,
         }
     }
 
