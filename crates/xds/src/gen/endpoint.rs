@@ -43,6 +43,7 @@ pub fn generate(
             }
         }
         let mut lb = service_lb_endpoint(push, ep);
+        add_workload_metadata(&mut lb, ep);
         lb.health_status = if ep.healthy {
             core::HealthStatus::Healthy as i32
         } else {
@@ -74,4 +75,115 @@ pub fn generate(
         });
     }
     cla
+}
+
+/// istiod's endpoint metadata for telemetry, `istio: {workload: "name;namespace;
+/// canonical-service;canonical-revision;cluster"}`: a client sidecar labels its metrics'
+/// `destination_*` from it when the destination sent no peer metadata (TCP, no sidecar).
+fn add_workload_metadata(lb: &mut ev3::LbEndpoint, ep: &mizzen_model::service::Endpoint) {
+    use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    if ep.workload.is_empty() {
+        return;
+    }
+    let label = |keys: &[&str]| {
+        keys.iter()
+            .find_map(|k| ep.labels.get(*k).filter(|v| !v.is_empty()))
+            .cloned()
+    };
+    let service = label(&[
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ])
+    .unwrap_or_else(|| ep.workload.clone());
+    let revision = label(&[
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ])
+    .unwrap_or_else(|| "latest".to_string());
+    // One cluster: Istio's default cluster ID, the one the agent reports as CLUSTER_ID.
+    let value = format!(
+        "{};{};{service};{revision};Kubernetes",
+        ep.workload, ep.namespace
+    );
+    let istio = Struct {
+        fields: [(
+            "workload".to_string(),
+            Value {
+                kind: Some(Kind::StringValue(value)),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    };
+    lb.metadata
+        .get_or_insert_with(Default::default)
+        .filter_metadata
+        .insert("istio".to_string(), istio);
+}
+
+#[cfg(test)]
+mod workload_tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::value::Kind;
+
+    fn workload_of(lb: &ev3::LbEndpoint) -> Option<String> {
+        let v = lb
+            .metadata
+            .as_ref()?
+            .filter_metadata
+            .get("istio")?
+            .fields
+            .get("workload")?;
+        match &v.kind {
+            Some(Kind::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn endpoints_carry_istiods_workload_metadata() {
+        let mut ep = mizzen_model::service::Endpoint {
+            address: "10.0.0.7".into(),
+            port: 9080,
+            labels: [("app", "reviews"), ("version", "v2")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            service_account: "reviews".into(),
+            locality: Locality::default(),
+            weight: 1,
+            workload: "reviews-v2".into(),
+            namespace: "shop".into(),
+            healthy: true,
+        };
+        let mut lb = ev3::LbEndpoint::default();
+        add_workload_metadata(&mut lb, &ep);
+        assert_eq!(
+            workload_of(&lb).as_deref(),
+            Some("reviews-v2;shop;reviews;v2;Kubernetes")
+        );
+        // The canonical labels win; the tlsMode metadata next to it stays.
+        ep.labels.insert(
+            "service.istio.io/canonical-name".into(),
+            "reviews-svc".into(),
+        );
+        ep.labels.remove("version");
+        let mut lb = ev3::LbEndpoint {
+            metadata: Some(super::super::tls::endpoint_tls_metadata()),
+            ..Default::default()
+        };
+        add_workload_metadata(&mut lb, &ep);
+        assert_eq!(
+            workload_of(&lb).as_deref(),
+            Some("reviews-v2;shop;reviews-svc;latest;Kubernetes")
+        );
+        assert_eq!(lb.metadata.unwrap().filter_metadata.len(), 2);
+        // No workload (a ServiceEntry address): nothing to say.
+        ep.workload.clear();
+        let mut lb = ev3::LbEndpoint::default();
+        add_workload_metadata(&mut lb, &ep);
+        assert!(lb.metadata.is_none());
+    }
 }
