@@ -506,6 +506,7 @@ spec:
     fromParams: [access_token]
     forwardOriginalToken: true
     outputPayloadToHeader: x-jwt-payload
+    outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -551,6 +552,20 @@ spec:
     assert h.get("x-jwt", "").startswith("Token "), h
     payload = json.loads(base64.urlsafe_b64decode(h["x-jwt-payload"] + "=="))
     assert payload["sub"] == "alice" and payload["iss"] == iss, payload
+    assert h.get("x-jwt-sub") == "alice", h  # outputClaimToHeaders
+    # A client cannot forge the outputs: they are cleared before verification.
+    _, _, echo = m.http(a, "GET", "/open", {"x-jwt-sub": "mallory", "x-jwt-payload": "e30"})
+    assert "x-jwt-sub" not in echo["headers"] and "x-jwt-payload" not in echo["headers"], echo
+    # Envoy's www-authenticate on a refused token: the request's URI as realm.
+    conn = http.client.HTTPConnection(m.ns.ns_ip, m.app_port, timeout=5, source_address=(a, 0))
+    try:
+        conn.request("GET", "/open?q=1", headers=tok(k1, sub="alice", exp=now - 120, iat=now - 180))
+        r = conn.getresponse()
+        assert (r.status, r.read().decode()) == (401, "Jwt is expired")
+        assert r.getheader("www-authenticate") == \
+            f'Bearer realm="http://{m.ns.ns_ip}:{m.app_port}/open?q=1", error="invalid_token"', r.getheaders()
+    finally:
+        conn.close()
     # The default Authorization header is not a token source once fromHeaders is set.
     assert m.http(a, "GET", "/secure", {"authorization": "Bearer " + k1.token(iss=iss, aud="web", sub="alice")})[0] == 403
     m.rejected()

@@ -907,7 +907,7 @@ fn authority(req: &Request<Incoming>) -> String {
 
 async fn route_request(
     ctx: &ConnCtx,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     authority: &str,
     out: &mut Outcome,
 ) -> Response<Body> {
@@ -920,16 +920,16 @@ async fn route_request(
         .get(&*ctx.route_key)
         .and_then(|table| table.virtual_host(authority))
         .and_then(|vh| vh.routes.iter().find(|r| route_matches(r, &req, authority)));
-    let state = FilterState::default();
+    let mut state = FilterState::default();
     let mut cors_headers = None;
     // The decoder filters in the HCM's order (the pilot emits fault, cors, jwt_authn, rbac,
     // router); any of them may answer the request itself.
     for filter in ctx.http_filters.iter() {
         match filter {
-            HttpFilter::JwtAuthn(_) => {
-                // Engineer B: verify the request's tokens here, reply 401 on a bad one, and
-                // put each verified payload into `state.metadata` under
-                // `crate::rbac::JWT_AUTHN` / the issuer, where the RBAC filters read it.
+            HttpFilter::JwtAuthn(jwt) => {
+                if let Some(resp) = jwt_filter(jwt, &mut req, &mut state) {
+                    return resp;
+                }
             }
             HttpFilter::Rbac(rbac) => {
                 if let Some(resp) = rbac_filter(ctx, rbac, &req, authority, &state, out) {
@@ -1046,6 +1046,33 @@ fn rbac_filter(
                 policy.unwrap_or("none")
             ));
             Some(local_reply(StatusCode::FORBIDDEN, "RBAC: access denied"))
+        }
+    }
+}
+
+/// `envoy.filters.http.jwt_authn`: the verified payloads go to the dynamic metadata (for
+/// rbac); a bad token gets Envoy's 401/403 with its `www-authenticate`.
+fn jwt_filter(
+    jwt: &crate::jwt::JwtAuthn,
+    req: &mut Request<Incoming>,
+    state: &mut FilterState,
+) -> Option<Response<Body>> {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match jwt.on_request(req, now) {
+        Ok(payloads) => {
+            for (key, payload) in payloads {
+                state.metadata.set(crate::jwt::JWT_AUTHN, key, payload);
+            }
+            None
+        }
+        Err(r) => {
+            let mut resp = local_reply(r.status, r.body);
+            if let Some(v) = r.www_authenticate {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            Some(resp)
         }
     }
 }

@@ -10,6 +10,9 @@
 //!   ALPN) and terminates TLS when the chain has a TLS context ([`tls`]).
 //! - [`http`] (HTTP/1.1 with Upgrade/WebSocket + h2c, gRPC, Envoy's router semantics) or
 //!   [`tcp`] (byte copy).
+//! - [`jwt`]: `envoy.filters.http.jwt_authn` in the HTTP filter chain (RequestAuthentication):
+//!   tokens verified with Envoy's answers (401/403 texts, `www-authenticate`); verified payloads
+//!   go into the request's dynamic metadata, where RBAC matches request principals and claims.
 //! - [`cluster`]: load balancing over the cluster's endpoints (consistent hashing in
 //!   [`hash`]), and each endpoint's transport
 //!   (auto mTLS by `tlsMode`, DestinationRule TLS) originated by [`tls`].
@@ -31,7 +34,9 @@
 //! the HCM's `upgrade_configs` (read nowhere: every `Upgrade` is tunnelled, the pilot always
 //! allows websocket), HTTP/2 upstream `:authority` to hostname (STRICT_DNS) endpoints,
 //! request trailers on a retry, closing HTTP/2 upstream connections to endpoints that left
-//! EDS, keeping upgraded (WebSocket) tunnels open through the drain time, JWT claim matching, `httpsRedirect`, IP_TRANSPARENT (TPROXY), 127.0.0.6 as the
+//! EDS, keeping upgraded (WebSocket) tunnels open through the drain time, route matching on JWT
+//! claims (a route match's `dynamic_metadata`: VirtualService `@request.auth.claims`), jwt_authn's
+//! remote JWKS and the rest listed in [`jwt`], `httpsRedirect`, IP_TRANSPARENT (TPROXY), 127.0.0.6 as the
 //! inbound source, source_* / destination_workload
 //! metric labels, TCP metrics, `/logging`.
 

@@ -94,8 +94,7 @@ pub struct HttpConnectionManager {
 #[derive(Clone, Debug)]
 pub enum HttpFilter {
     /// `envoy.filters.http.jwt_authn`: verifies tokens and writes each verified payload into
-    /// the request's dynamic metadata under its issuer (engineer B fills this in; until then
-    /// the filter is NACKed by [`proto`]).
+    /// the request's dynamic metadata under its issuer ([`crate::jwt`]).
     JwtAuthn(Arc<JwtAuthn>),
     /// `envoy.filters.http.rbac`.
     Rbac(Arc<crate::rbac::HttpRbac>),
@@ -107,9 +106,7 @@ pub enum HttpFilter {
     Router,
 }
 
-/// Placeholder for the compiled jwt_authn config (engineer B replaces it).
-#[derive(Debug)]
-pub struct JwtAuthn {}
+pub use crate::jwt::JwtAuthn;
 
 /// Envoy's `forward_client_cert_details` + `set_current_client_cert_details`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -258,8 +258,16 @@ fn http_connection_manager(h: &hcm::HttpConnectionManager) -> FResult<NetworkFil
             FAULT_FILTER => HttpFilter::Fault,
             CORS_FILTER => HttpFilter::Cors,
             ROUTER_FILTER => HttpFilter::Router,
-            // Engineer B: `JWT_AUTHN_FILTER => HttpFilter::JwtAuthn(..)`, converted from the
-            // filter's typed_config; until then jwt_authn falls to the NACK below.
+            crate::jwt::JWT_AUTHN => {
+                use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3 as jwtv3;
+                let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                    return bad(format!("{field}.typed_config"), "missing");
+                };
+                let j: jwtv3::JwtAuthentication = unpack(&format!("{field}.typed_config"), any)?;
+                let j = crate::jwt::JwtAuthn::try_from(&j)
+                    .or_else(|e| bad(format!("{field}.typed_config.{}", e.field), e.reason))?;
+                HttpFilter::JwtAuthn(Arc::new(j))
+            }
             other => return bad(field, format!("HTTP filter {other} is not supported")),
         };
         let last = matches!(filter, HttpFilter::Router);
