@@ -15,13 +15,15 @@ import socket
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import requests
 
 from lib.pilot import CDS, RDS, dump_json
 from lib.procs import wait_until
-from lib.router import API, CONFIGS, PROXY_KINDS, WEB, RouterMesh, router_mesh, wait_acked
+from lib.router import API, CONFIGS, PROXY_KINDS, ROUTER_IP, WEB, RouterMesh, router_mesh, wait_acked
 from lib.traffic import constant_load, echo, summarize
 
 
@@ -203,6 +205,85 @@ def test_consistent_hash_by_header_and_cookie(mesh: RouterMesh):
     spread = {mesh.gw.get("hash.example.com", "/sticky", headers={"cookie": f"mz-session=s{i}"})
               .headers["x-backend"] for i in range(30)}
     assert spread == {"web-v1", "web-v2"}, spread
+
+
+def test_circuit_breaker_overflow(mesh: RouterMesh):
+    """DestinationRule connectionPool maxConnections 1 + http1MaxPendingRequests 1 against a
+    slow backend: of 8 concurrent requests one runs on the one connection, one more may wait
+    for it (pending), and the rest are refused at once with Envoy's overflow reply and
+    response flag UO, in both proxies' access logs. The pool serves again afterwards."""
+    tag = uuid.uuid4().hex
+    paths = [f"/delay/1.5/cb-{tag}-{i}" for i in range(8)]
+    url = f"http://127.0.0.1:{mesh.gateway_port}"
+
+    def one(path):
+        # One connection per request (a Session is not thread-safe).
+        return requests.get(url + path, headers={"Host": "breaker.example.com"}, timeout=20)
+
+    with ThreadPoolExecutor(len(paths)) as ex:
+        results = list(ex.map(one, paths))
+    codes = Counter(r.status_code for r in results)
+    # Envoy's pools are per worker, and a worker's pool may always open its first
+    # connection: with two workers, three requests may be served.
+    assert set(codes) <= {200, 503} and 1 <= codes[200] <= 3 and codes[503] >= 5, codes
+    for r in results:
+        if r.status_code == 503:
+            assert r.text == "upstream connect error or disconnect/reset before headers. reset reason: overflow", r.text
+    flags = mesh.response_flags(paths)
+    assert sorted(flags.values()) == sorted("-" if r.status_code == 200 else "UO" for r in results), flags
+    served = sum(mesh.b["web-v1"].count(p) for p in paths)
+    assert served == codes[200], f"overflowed requests must not reach the backend ({served} did)"
+    r = mesh.gw.get("breaker.example.com", f"/after/{tag}")
+    assert r.status_code == 200 and r.headers.get("x-backend") == "web-v1", (r.status_code, r.text[:200])
+
+
+@pytest.fixture
+def locality(mesh: RouterMesh):
+    """configs/router/locality.yaml: the gateway in r1/z1/s1, backends in r1/z1/s1 (web-v1),
+    r1/z2/s1 (web-v2) and r2/z1/s1 (api-v1). Removed afterwards, which also drops the
+    clusters and so any ejection a test caused."""
+    mesh.pilot.write("locality.yaml", mesh.render("locality", ROUTER_IP=ROUTER_IP))
+    try:
+        yield mesh
+    finally:
+        mesh.pilot.delete("locality.yaml")
+
+
+def backends_of(mesh: RouterMesh, host: str, n: int, path: str = "/") -> Counter:
+    return Counter(mesh.gw.backend(host, path) for _ in range(n))
+
+
+def test_locality_failover_by_priority(locality: RouterMesh):
+    """Outlier detection on: the pilot ranks endpoints by locality against the gateway's
+    (EDS priorities). The local endpoint takes all traffic; ejected, the next priority (same
+    region) takes it all; ejected too, the remote region."""
+    mesh, host = locality, "loc-failover.example.com"
+    # Until the pilot knows the gateway's locality, every endpoint ranks the same.
+    wait_until(lambda: backends_of(mesh, host, 10) == Counter({"web-v1": 10}), 15,
+               what="all traffic to the gateway's own locality (web-v1)", proc=mesh.proxy.proc)
+    assert backends_of(mesh, host, 40) == Counter({"web-v1": 40})
+    assert mesh.gw.get(host, "/status/500/eject-v1").headers.get("x-backend") == "web-v1"
+    # Ejection reaches every worker asynchronously in Envoy: a bounded wait, then all of it.
+    wait_until(lambda: backends_of(mesh, host, 10) == Counter({"web-v2": 10}), 10,
+               what="failover to priority 1 (web-v2) after web-v1's ejection", proc=mesh.proxy.proc)
+    assert backends_of(mesh, host, 40) == Counter({"web-v2": 40})
+    assert mesh.gw.get(host, "/status/500/eject-v2").headers.get("x-backend") == "web-v2"
+    wait_until(lambda: backends_of(mesh, host, 10) == Counter({"api-v1": 10}), 10,
+               what="failover to priority 2 (api-v1, the other region)", proc=mesh.proxy.proc)
+    assert backends_of(mesh, host, 20) == Counter({"api-v1": 20})
+    mesh.assert_no_rejections()
+
+
+def test_locality_distribute_weights(locality: RouterMesh):
+    """localityLbSetting.distribute from r1/z1/*: 75% to r1/z1, 25% to r1/z2, and none to the
+    locality it does not name (r2)."""
+    mesh, host = locality, "loc-dist.example.com"
+    wait_until(lambda: set(backends_of(mesh, host, 20)) == {"web-v1", "web-v2"}, 15,
+               what="loc-dist routed to the web pods only", proc=mesh.proxy.proc)
+    counts = backends_of(mesh, host, 1000)
+    assert set(counts) == {"web-v1", "web-v2"}, counts
+    assert 690 <= counts["web-v1"] <= 810, f"75/25 split off by more than 6%: {counts}"
+    mesh.assert_no_rejections()
 
 
 def test_mirror_sends_a_copy_to_v2(mesh: RouterMesh):

@@ -46,6 +46,9 @@ pub struct Proxy {
     pub metadata: BTreeMap<String, String>,
     /// The workload whose IP matches, if the registry knows one.
     pub workload: Option<Workload>,
+    /// The xDS node's `locality` (empty when the proxy sent none); see
+    /// [`Proxy::locality`].
+    pub node_locality: crate::service::Locality,
 }
 
 impl Proxy {
@@ -108,6 +111,7 @@ impl Proxy {
             istio_version: md("ISTIO_VERSION").unwrap_or_default(),
             metadata: strings,
             workload: None,
+            node_locality: Default::default(),
         })
     }
 

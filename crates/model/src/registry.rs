@@ -87,23 +87,7 @@ fn pod_ip(p: &k8s::Pod) -> Option<IpAddr> {
 }
 
 fn pod_locality(labels: &Labels) -> Locality {
-    if let Some(l) = labels.get("istio-locality") {
-        return Locality::parse(&l.replace('.', "/"));
-    }
-    Locality {
-        region: labels
-            .get("topology.kubernetes.io/region")
-            .cloned()
-            .unwrap_or_default(),
-        zone: labels
-            .get("topology.kubernetes.io/zone")
-            .cloned()
-            .unwrap_or_default(),
-        sub_zone: labels
-            .get("topology.istio.io/subzone")
-            .cloned()
-            .unwrap_or_default(),
-    }
+    Locality::from_labels(labels)
 }
 
 fn pod_workload(r: &Resource, p: &k8s::Pod) -> Workload {

@@ -11,6 +11,7 @@
 //! of the old generation (requests in flight keep their `Arc` to the old endpoint).
 
 use crate::config::{Cluster, DiscoveryKind, Endpoint, LbPolicy, UpstreamTls};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,6 +25,12 @@ pub struct Host {
     consecutive_gateway: AtomicU32,
     /// Milliseconds since [`epoch`] until which outlier detection ejected this host.
     ejected_until: AtomicU64,
+    /// `host:port`, computed once (the access log and the connectors want it per request).
+    authority: String,
+    /// The endpoint as a socket address; `None` for a hostname (STRICT_DNS).
+    pub addr: Option<SocketAddr>,
+    /// This host's HTTP/1 connection pool, found once per snapshot instead of per request.
+    pub(crate) h1_pool: std::sync::OnceLock<Arc<crate::http::H1Host>>,
 }
 
 /// How one attempt ended, for outlier detection.
@@ -45,12 +52,25 @@ fn now_ms() -> u64 {
 
 impl Host {
     fn new(endpoint: Endpoint) -> Host {
+        let authority = if endpoint.host.contains(':') {
+            format!("[{}]:{}", endpoint.host, endpoint.port)
+        } else {
+            format!("{}:{}", endpoint.host, endpoint.port)
+        };
+        let addr = endpoint
+            .host
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, endpoint.port));
         Host {
             endpoint,
             active: AtomicUsize::new(0),
             consecutive_5xx: AtomicU32::new(0),
             consecutive_gateway: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
+            authority,
+            addr,
+            h1_pool: std::sync::OnceLock::new(),
         }
     }
 
@@ -60,22 +80,54 @@ impl Host {
 
     /// `host:port` as the connector wants it (IPv6 in brackets).
     pub fn authority(&self) -> String {
-        if self.endpoint.host.contains(':') {
-            format!("[{}]:{}", self.endpoint.host, self.endpoint.port)
-        } else {
-            format!("{}:{}", self.endpoint.host, self.endpoint.port)
-        }
+        self.authority.clone()
+    }
+
+    /// [`Host::authority`] without a copy.
+    pub fn authority_str(&self) -> &str {
+        &self.authority
     }
 }
 
 #[derive(Debug)]
 pub struct ClusterLb {
     pub config: Cluster,
+    /// Every host EDS calls healthy, all priorities.
     pub hosts: Vec<Arc<Host>>,
-    /// Indexes into `hosts`, each repeated by its weight (bounded) so round robin is weighted.
+    /// One per EDS priority present, highest (0) first.
+    tiers: Vec<Tier>,
+    /// The cluster's circuit-breaker counters (kept across snapshots by
+    /// [`crate::http::Clients`]), found once per snapshot instead of per request.
+    pub breakers: std::sync::OnceLock<Arc<Breakers>>,
+}
+
+/// Envoy's default overprovisioning factor, in percent: a priority (or locality) with at
+/// least 1/1.4 of its hosts healthy counts as fully available.
+pub const OVERPROVISIONING: u32 = 140;
+
+/// The hosts of one priority.
+#[derive(Debug)]
+struct Tier {
+    /// Endpoints EDS listed at this priority, healthy or not: the denominator of its health.
+    listed: usize,
+    /// Indexes into `hosts`.
+    members: Vec<usize>,
+    /// The localities when the cluster weighs them, else one group with every member.
+    groups: Vec<Group>,
+    /// RING_HASH / MAGLEV table over `members`.
+    table: HashTable,
+}
+
+#[derive(Debug)]
+struct Group {
+    /// The locality's weight (1 when localities are not weighed).
+    weight: u32,
+    listed: usize,
+    /// Indexes into `hosts`.
+    members: Vec<usize>,
+    /// `members`, each repeated by its weight (bounded) so round robin is weighted.
     schedule: Vec<usize>,
     next: AtomicUsize,
-    table: HashTable,
 }
 
 /// The consistent-hash table of a RING_HASH / MAGLEV cluster.
@@ -100,59 +152,97 @@ impl Drop for Picked {
 /// Caps a single endpoint's share of the schedule so a huge weight cannot blow up memory.
 const MAX_WEIGHT: u32 = 128;
 
+/// Envoy's health of a priority or locality, in percent: the healthy share scaled by the
+/// overprovisioning factor, at most 100.
+fn availability(healthy: usize, listed: usize) -> u64 {
+    if listed == 0 {
+        return 0;
+    }
+    (u64::from(OVERPROVISIONING) * healthy as u64 / listed as u64).min(100)
+}
+
+fn weighted_schedule(hosts: &[Arc<Host>], members: &[usize]) -> Vec<usize> {
+    let w = |i: usize| hosts[i].endpoint.weight.clamp(1, MAX_WEIGHT);
+    if members.windows(2).all(|p| w(p[0]) == w(p[1])) {
+        return members.to_vec();
+    }
+    // Interleave rather than group so consecutive picks spread across hosts.
+    let max = members.iter().map(|&i| w(i)).max().unwrap_or(1);
+    let mut s = Vec::new();
+    for round in 0..max {
+        s.extend(members.iter().copied().filter(|&i| round < w(i)));
+    }
+    s
+}
+
 impl ClusterLb {
     pub fn new(config: Cluster, endpoints: Vec<Endpoint>) -> ClusterLb {
-        let hosts: Vec<Arc<Host>> = endpoints
-            .into_iter()
-            .filter(|e| e.healthy)
-            .map(|endpoint| Arc::new(Host::new(endpoint)))
-            .collect();
-        let uniform = hosts
-            .windows(2)
-            .all(|w| w[0].endpoint.weight == w[1].endpoint.weight);
-        let schedule = if uniform {
-            (0..hosts.len()).collect()
-        } else {
-            // Interleave rather than group so consecutive picks spread across hosts.
-            let max = hosts
-                .iter()
-                .map(|h| h.endpoint.weight.min(MAX_WEIGHT))
-                .max()
-                .unwrap_or(1);
-            let mut s = Vec::new();
-            for round in 0..max {
-                for (i, h) in hosts.iter().enumerate() {
-                    if round < h.endpoint.weight.min(MAX_WEIGHT) {
-                        s.push(i);
-                    }
-                }
-            }
-            s
-        };
-        let hash_hosts = || -> Vec<crate::hash::HashHost> {
-            hosts
-                .iter()
-                .map(|h| crate::hash::HashHost {
-                    address: h.authority(),
-                    weight: h.endpoint.weight,
+        // priority -> locality -> (weight, listed, member indexes)
+        type Localities = BTreeMap<u32, (u32, usize, Vec<usize>)>;
+        let mut by_priority: BTreeMap<u32, Localities> = BTreeMap::new();
+        let mut hosts: Vec<Arc<Host>> = Vec::new();
+        for e in endpoints {
+            let loc = by_priority
+                .entry(e.priority)
+                .or_default()
+                .entry(if config.locality_weighted {
+                    e.locality
+                } else {
+                    0
                 })
-                .collect()
-        };
-        let table = match config.lb {
-            LbPolicy::RingHash { min_size, max_size } => {
-                HashTable::Ring(crate::hash::Ring::new(&hash_hosts(), min_size, max_size))
+                .or_insert((e.locality_weight, 0, Vec::new()));
+            loc.1 += 1;
+            if e.healthy {
+                loc.2.push(hosts.len());
+                hosts.push(Arc::new(Host::new(e)));
             }
-            LbPolicy::Maglev { table_size } => {
-                HashTable::Maglev(crate::hash::Maglev::new(&hash_hosts(), table_size))
-            }
-            _ => HashTable::None,
-        };
+        }
+        let tiers = by_priority
+            .into_values()
+            .map(|localities| {
+                let groups: Vec<Group> = localities
+                    .into_values()
+                    .map(|(weight, listed, members)| Group {
+                        weight: if config.locality_weighted { weight } else { 1 },
+                        listed,
+                        schedule: weighted_schedule(&hosts, &members),
+                        members,
+                        next: AtomicUsize::new(random_u64() as usize),
+                    })
+                    .collect();
+                let members: Vec<usize> = groups
+                    .iter()
+                    .flat_map(|g| g.members.iter().copied())
+                    .collect();
+                let hash_hosts: Vec<crate::hash::HashHost> = members
+                    .iter()
+                    .map(|&i| crate::hash::HashHost {
+                        address: hosts[i].authority(),
+                        weight: hosts[i].endpoint.weight,
+                    })
+                    .collect();
+                let table = match config.lb {
+                    LbPolicy::RingHash { min_size, max_size } => {
+                        HashTable::Ring(crate::hash::Ring::new(&hash_hosts, min_size, max_size))
+                    }
+                    LbPolicy::Maglev { table_size } => {
+                        HashTable::Maglev(crate::hash::Maglev::new(&hash_hosts, table_size))
+                    }
+                    _ => HashTable::None,
+                };
+                Tier {
+                    listed: groups.iter().map(|g| g.listed).sum(),
+                    members,
+                    groups,
+                    table,
+                }
+            })
+            .collect();
         ClusterLb {
             config,
             hosts,
-            schedule,
-            next: AtomicUsize::new(random_u64() as usize),
-            table,
+            tiers,
+            breakers: std::sync::OnceLock::new(),
         }
     }
 
@@ -167,12 +257,19 @@ impl ClusterLb {
 
     /// Does this cluster balance by a request hash (route `hash_policy`)?
     pub fn wants_hash(&self) -> bool {
-        !matches!(self.table, HashTable::None)
+        matches!(
+            self.config.lb,
+            LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. }
+        )
     }
 
     /// [`ClusterLb::pick`] with the request's hash for RING_HASH / MAGLEV clusters: the host
     /// the key maps to, or the next one in the table that is not ejected. Without a hash (the
     /// request lacks the header, cookie ...) a hashing cluster picks at random, as Envoy does.
+    ///
+    /// As Envoy: first a priority, by the priorities' health (a priority takes the load its
+    /// healthy share times 1.4 covers, the rest spills to the next), then, when the cluster
+    /// weighs localities, a locality by weight times its health, then a host in it.
     pub fn pick_hashed(
         &self,
         original_dst: Option<SocketAddr>,
@@ -187,17 +284,18 @@ impl ClusterLb {
                 healthy: true,
                 transport_metadata: Vec::new(),
                 workload: None,
+                priority: 0,
+                locality: 0,
+                locality_weight: 0,
             }));
             host.active.fetch_add(1, Ordering::Relaxed);
             return Some(Picked { host });
         }
-        if self.schedule.is_empty() {
-            return None;
-        }
+        let tier = self.choose_tier()?;
         // Skip hosts ejected by outlier detection; if every try lands on one (or all are
         // ejected), use the last pick rather than fail, as Envoy's panic mode does.
         if let Some(h) = hash {
-            let walk: Box<dyn Iterator<Item = usize> + '_> = match &self.table {
+            let walk: Box<dyn Iterator<Item = usize> + '_> = match &tier.table {
                 HashTable::Ring(r) => Box::new(r.walk(h)),
                 HashTable::Maglev(m) => Box::new(m.walk(h)),
                 HashTable::None => Box::new(std::iter::empty()),
@@ -205,7 +303,7 @@ impl ClusterLb {
             let mut first = None;
             // Bounded: a table holds at most a few million entries, and the first few hosts
             // along the walk are enough to find one that is not ejected.
-            for idx in walk.take(64) {
+            for idx in walk.take(64).filter_map(|i| tier.members.get(i).copied()) {
                 first.get_or_insert(idx);
                 if !self.hosts[idx].ejected() {
                     first = Some(idx);
@@ -217,16 +315,120 @@ impl ClusterLb {
                 return Some(Picked { host });
             }
         }
-        let mut idx = self.pick_index();
-        for _ in 0..self.schedule.len().min(8) {
+        let group = self.choose_group(tier)?;
+        let mut idx = self.pick_index(group);
+        for _ in 0..group.schedule.len().min(8) {
             if !self.hosts[idx].ejected() {
                 break;
             }
-            idx = self.pick_index();
+            idx = self.pick_index(group);
+        }
+        if self.hosts[idx].ejected() {
+            // Unlucky draws: the next member that is not ejected, if any (else panic mode).
+            let n = group.members.len();
+            let start = random_below(n);
+            if let Some(i) = (0..n)
+                .map(|k| group.members[(start + k) % n])
+                .find(|&i| !self.hosts[i].ejected())
+            {
+                idx = i;
+            }
         }
         let host = self.hosts.get(idx)?.clone();
         host.active.fetch_add(1, Ordering::Relaxed);
         Some(Picked { host })
+    }
+
+    fn healthy(&self, members: &[usize]) -> usize {
+        members
+            .iter()
+            .filter(|&&i| !self.hosts[i].ejected())
+            .count()
+    }
+
+    /// Envoy's priority load: each priority in order takes its health's share (normalised
+    /// when the priorities' health adds up to less than 100), until 100 is given out. With
+    /// no healthy host anywhere, the highest priority takes all (panic).
+    fn choose_tier(&self) -> Option<&Tier> {
+        let with_hosts = || self.tiers.iter().find(|t| !t.members.is_empty());
+        if self.tiers.len() <= 1 {
+            return with_hosts();
+        }
+        let health: Vec<u64> = self
+            .tiers
+            .iter()
+            .map(|t| availability(self.healthy(&t.members), t.listed))
+            .collect();
+        let total = health.iter().sum::<u64>().min(100);
+        if total == 0 {
+            return with_hosts();
+        }
+        let draw = random_u64() % 100;
+        let (mut given, mut left) = (0, 100u64);
+        for (t, h) in self.tiers.iter().zip(&health) {
+            let load = (h * 100 / total).min(left);
+            left -= load;
+            given += load;
+            if draw < given && !t.members.is_empty() {
+                return Some(t);
+            }
+        }
+        // Rounding left a few percent unassigned: the first priority with healthy hosts.
+        self.tiers
+            .iter()
+            .zip(&health)
+            .find(|(t, h)| **h > 0 && !t.members.is_empty())
+            .map(|(t, _)| t)
+            .or_else(with_hosts)
+    }
+
+    /// A locality of `tier` by weight times health (Envoy's locality-weighted LB); all
+    /// members' group when localities are not weighed.
+    fn choose_group<'a>(&self, tier: &'a Tier) -> Option<&'a Group> {
+        if tier.groups.len() == 1 {
+            return tier.groups.first().filter(|g| !g.schedule.is_empty());
+        }
+        let effective: Vec<u64> = tier
+            .groups
+            .iter()
+            .map(|g| {
+                if g.members.is_empty() {
+                    0
+                } else {
+                    u64::from(g.weight) * availability(self.healthy(&g.members), g.listed)
+                }
+            })
+            .collect();
+        let mut total: u64 = effective.iter().sum();
+        let weights: Vec<u64> = if total == 0 {
+            // Every weighted locality is fully ejected: fall back on the weights alone.
+            let w: Vec<u64> = tier
+                .groups
+                .iter()
+                .map(|g| {
+                    if g.members.is_empty() {
+                        0
+                    } else {
+                        u64::from(g.weight)
+                    }
+                })
+                .collect();
+            total = w.iter().sum();
+            w
+        } else {
+            effective
+        };
+        if total == 0 {
+            return None;
+        }
+        let mut draw = random_u64() % total;
+        for (g, w) in tier.groups.iter().zip(weights) {
+            if draw < w {
+                return Some(g);
+            }
+            draw -= w;
+        }
+        None
     }
 
     /// The TLS context for connections to `host`: the first transport_socket_match whose
@@ -242,18 +444,19 @@ impl ClusterLb {
         self.config.tls.as_ref()
     }
 
-    fn pick_index(&self) -> usize {
+    fn pick_index(&self, g: &Group) -> usize {
+        let s = &g.schedule;
         match self.config.lb {
             LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
-                self.schedule[self.next.fetch_add(1, Ordering::Relaxed) % self.schedule.len()]
+                s[g.next.fetch_add(1, Ordering::Relaxed) % s.len()]
             }
             LbPolicy::Random | LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. } => {
-                self.schedule[random_below(self.schedule.len())]
+                s[random_below(s.len())]
             }
             LbPolicy::LeastRequest => {
                 // Power of two choices: two random candidates, the less loaded wins.
-                let a = self.schedule[random_below(self.schedule.len())];
-                let b = self.schedule[random_below(self.schedule.len())];
+                let a = s[random_below(s.len())];
+                let b = s[random_below(s.len())];
                 let load = |i: usize| self.hosts[i].active.load(Ordering::Relaxed);
                 if load(b) < load(a) {
                     b
@@ -298,6 +501,86 @@ impl ClusterLb {
             host.consecutive_5xx.store(0, Ordering::Relaxed);
             host.consecutive_gateway.store(0, Ordering::Relaxed);
             tracing::info!(cluster = %self.config.name, host = %host.authority(), "outlier detection: host ejected");
+        }
+    }
+}
+
+/// A cluster's circuit-breaker resources in use (Envoy's resource manager, default
+/// priority), checked against the thresholds of the cluster's current config. They outlive
+/// snapshots (connections and requests do): [`crate::http::Clients`] keeps one per cluster
+/// name. Plain atomics: taking and giving back never locks; only a request that has to
+/// queue for a connection (pending) waits on `freed`.
+#[derive(Debug, Default)]
+pub struct Breakers {
+    pub connections: AtomicU32,
+    pub pending: AtomicU32,
+    pub requests: AtomicU32,
+    pub retries: AtomicU32,
+    /// Woken when a connection comes free (idle again or closed) or a request ends, while
+    /// requests are pending.
+    pub freed: tokio::sync::Notify,
+}
+
+/// Which resource a [`Slot`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resource {
+    Connections,
+    Pending,
+    Requests,
+    Retries,
+}
+
+/// One unit of a breaker resource, given back on drop.
+#[derive(Debug)]
+pub struct Slot {
+    breakers: Arc<Breakers>,
+    resource: Resource,
+}
+
+impl Breakers {
+    fn counter(&self, r: Resource) -> &AtomicU32 {
+        match r {
+            Resource::Connections => &self.connections,
+            Resource::Pending => &self.pending,
+            Resource::Requests => &self.requests,
+            Resource::Retries => &self.retries,
+        }
+    }
+
+    /// One unit of `r` if fewer than `max` are in use (Envoy's `canCreate` + `inc`);
+    /// `None` = overflow. `force` takes it regardless (the first connection to a host).
+    pub fn take(self: &Arc<Self>, r: Resource, max: u32, force: bool) -> Option<Slot> {
+        let c = self.counter(r);
+        let ok = if force {
+            c.fetch_add(1, Ordering::AcqRel);
+            true
+        } else {
+            c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+        };
+        ok.then(|| Slot {
+            breakers: self.clone(),
+            resource: r,
+        })
+    }
+
+    /// Wake pending requests, if any (cheap when none wait).
+    pub fn wake_pending(&self) {
+        if self.pending.load(Ordering::Acquire) > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.breakers
+            .counter(self.resource)
+            .fetch_sub(1, Ordering::AcqRel);
+        if matches!(self.resource, Resource::Connections | Resource::Requests) {
+            self.breakers.wake_pending();
         }
     }
 }
@@ -347,6 +630,8 @@ mod tests {
             source_address: None,
             tls: None,
             transport_matches: Vec::new(),
+            pool: Default::default(),
+            locality_weighted: false,
         }
     }
 
@@ -358,6 +643,9 @@ mod tests {
             healthy,
             transport_metadata: Vec::new(),
             workload: None,
+            priority: 0,
+            locality: 0,
+            locality_weight: 1,
         }
     }
 
@@ -443,6 +731,160 @@ mod tests {
         let lb = ClusterLb::new(c, vec![sidecar, ep("10.0.0.2", 1, true)]);
         assert_eq!(lb.tls_for(&lb.hosts[0]).map(|t| t.key), Some(7));
         assert!(lb.tls_for(&lb.hosts[1]).is_none());
+    }
+
+    #[test]
+    fn breaker_slots_cap_and_give_back() {
+        let b = Arc::new(Breakers::default());
+        let one = b.take(Resource::Pending, 1, false);
+        assert!(one.is_some());
+        assert!(
+            b.take(Resource::Pending, 1, false).is_none(),
+            "over the threshold"
+        );
+        let forced = b.take(Resource::Pending, 1, true);
+        assert_eq!(b.pending.load(Ordering::Relaxed), 2);
+        drop((one, forced));
+        assert_eq!(b.pending.load(Ordering::Relaxed), 0);
+        assert!(b.take(Resource::Pending, 1, false).is_some());
+        assert!(
+            b.take(Resource::Retries, 0, false).is_none(),
+            "zero allows none"
+        );
+    }
+
+    fn at(host: &str, priority: u32, locality: u32, locality_weight: u32) -> Endpoint {
+        Endpoint {
+            priority,
+            locality,
+            locality_weight,
+            ..ep(host, 1, true)
+        }
+    }
+
+    fn share(lb: &ClusterLb, host: &str, n: usize) -> usize {
+        (0..n)
+            .filter(|_| lb.pick(None).is_some_and(|p| p.host.endpoint.host == host))
+            .count()
+    }
+
+    fn ejecting(lb: LbPolicy) -> Cluster {
+        let mut c = cluster(lb);
+        c.outlier = Some(crate::config::OutlierDetection {
+            consecutive_5xx: Some(1),
+            consecutive_gateway: None,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 100,
+        });
+        c
+    }
+
+    #[test]
+    fn priority_zero_takes_all_until_its_hosts_are_ejected() {
+        let lb = ClusterLb::new(
+            ejecting(LbPolicy::RoundRobin),
+            vec![
+                at("10.0.0.2", 1, 1, 1),
+                at("10.0.0.1", 0, 0, 1),
+                at("10.0.0.3", 2, 2, 1),
+            ],
+        );
+        assert_eq!(share(&lb, "10.0.0.1", 200), 200);
+        let p0 = lb
+            .hosts
+            .iter()
+            .find(|h| h.endpoint.host == "10.0.0.1")
+            .cloned();
+        let p0 = p0.expect("p0 host");
+        lb.report(&p0, Outcome::Status(503));
+        assert!(p0.ejected());
+        assert_eq!(
+            share(&lb, "10.0.0.2", 200),
+            200,
+            "all of it spills to priority 1"
+        );
+        let p1 = lb
+            .hosts
+            .iter()
+            .find(|h| h.endpoint.host == "10.0.0.2")
+            .cloned();
+        lb.report(&p1.expect("p1 host"), Outcome::LocalFailure);
+        assert_eq!(share(&lb, "10.0.0.3", 200), 200, "then to priority 2");
+        // Nothing healthy anywhere: priority 0 in panic.
+        let p2 = lb
+            .hosts
+            .iter()
+            .find(|h| h.endpoint.host == "10.0.0.3")
+            .cloned();
+        lb.report(&p2.expect("p2 host"), Outcome::Status(500));
+        assert_eq!(share(&lb, "10.0.0.1", 50), 50);
+    }
+
+    #[test]
+    fn a_partly_healthy_priority_keeps_its_overprovisioned_share() {
+        // Priority 0: one of two hosts ejected -> 50% healthy * 1.4 = 70% of the load stays.
+        let lb = ClusterLb::new(
+            ejecting(LbPolicy::Random),
+            vec![
+                at("10.0.0.1", 0, 0, 1),
+                at("10.0.0.2", 0, 0, 1),
+                at("10.0.0.3", 1, 1, 1),
+            ],
+        );
+        let bad = lb.hosts[0].clone();
+        lb.report(&bad, Outcome::Status(503));
+        let spilled = share(&lb, "10.0.0.3", 4000);
+        assert!(
+            (1000..=1400).contains(&spilled),
+            "30% expected, got {spilled}/4000"
+        );
+        assert_eq!(
+            share(&lb, "10.0.0.1", 500),
+            0,
+            "the ejected host is skipped"
+        );
+        // EDS-unhealthy endpoints count in the denominator too: 1 of 3 healthy -> 46%.
+        let mut down = at("10.0.0.5", 0, 0, 1);
+        down.healthy = false;
+        let lb = ClusterLb::new(
+            cluster(LbPolicy::Random),
+            vec![
+                at("10.0.0.4", 0, 0, 1),
+                down.clone(),
+                down,
+                at("10.0.0.6", 1, 1, 1),
+            ],
+        );
+        let kept = share(&lb, "10.0.0.4", 4000);
+        assert!(
+            (1640..=2040).contains(&kept),
+            "46% expected, got {kept}/4000"
+        );
+    }
+
+    #[test]
+    fn locality_weights_apply_only_when_the_cluster_weighs_localities() {
+        let eps = vec![
+            at("10.0.0.1", 0, 0, 80),
+            at("10.0.0.2", 0, 1, 20),
+            at("10.0.0.3", 0, 1, 20),
+        ];
+        let mut c = cluster(LbPolicy::RoundRobin);
+        c.locality_weighted = true;
+        let lb = ClusterLb::new(c, eps.clone());
+        let first = share(&lb, "10.0.0.1", 4000);
+        assert!(
+            (3000..=3400).contains(&first),
+            "80% expected, got {first}/4000"
+        );
+        // Ignored otherwise: round robin over the three hosts.
+        let lb = ClusterLb::new(cluster(LbPolicy::RoundRobin), eps);
+        assert_eq!(share(&lb, "10.0.0.1", 300), 100);
+        // A locality without weight gets nothing.
+        let mut c = cluster(LbPolicy::RoundRobin);
+        c.locality_weighted = true;
+        let lb = ClusterLb::new(c, vec![at("10.0.0.1", 0, 0, 0), at("10.0.0.2", 0, 1, 5)]);
+        assert_eq!(share(&lb, "10.0.0.2", 100), 100);
     }
 
     #[test]

@@ -227,6 +227,13 @@ impl Connection {
             .unwrap_or(serde_json::Value::Null);
         let mut proxy =
             Proxy::from_node(&node.id, &md).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(l) = &node.locality {
+            proxy.node_locality = mizzen_model::service::Locality {
+                region: l.region.clone(),
+                zone: l.zone.clone(),
+                sub_zone: l.sub_zone.clone(),
+            };
+        }
         proxy.resolve(&self.push);
         info!(proxy = %proxy.id, delta = self.delta, workload = ?proxy.workload.as_ref().map(|w| &w.name), "proxy connected");
         self.d.status.connect(

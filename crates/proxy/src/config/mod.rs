@@ -48,6 +48,9 @@ pub struct Listener {
 pub struct FilterChain {
     pub name: String,
     pub matcher: ChainMatch,
+    /// `envoy.filters.network.rbac` filters before the terminal one, in order: evaluated once
+    /// per connection, before the terminal filter sees it.
+    pub network_rbac: Arc<[Arc<crate::rbac::NetworkRbac>]>,
     pub filter: NetworkFilter,
     /// `transport_socket` (DownstreamTlsContext): terminate TLS before the filter.
     pub tls: Option<Arc<DownstreamTls>>,

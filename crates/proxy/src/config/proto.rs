@@ -15,7 +15,9 @@ use envoy_types::pb::envoy::config::listener::v3 as lv3;
 use envoy_types::pb::envoy::config::route::v3 as rv3;
 use envoy_types::pb::envoy::extensions::filters::http::cors::v3 as corsv3;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as faultv3;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as hrbacv3;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3 as nrbacv3;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcpv3;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tlsv3;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upv3;
@@ -105,6 +107,8 @@ const TCP_PROXY_NAME: &str = "envoy.filters.network.tcp_proxy";
 const FAULT_FILTER: &str = "envoy.filters.http.fault";
 const CORS_FILTER: &str = "envoy.filters.http.cors";
 const ROUTER_FILTER: &str = "envoy.filters.http.router";
+const RBAC_FILTER: &str = "envoy.filters.http.rbac";
+const NETWORK_RBAC_FILTER: &str = "envoy.filters.network.rbac";
 /// Listener filters whose job our own accept path does (original destination, TLS and HTTP
 /// sniffing), so accepting them changes nothing.
 const KNOWN_LISTENER_FILTERS: [&str; 3] = [
@@ -169,22 +173,36 @@ fn filter_chain(c: &lv3::FilterChain) -> FResult<FilterChain> {
         None => ChainMatch::default(),
         Some(m) => chain_match(m).map_err(|e| within("filter_chain_match", e))?,
     };
-    let filter = match c.filters.as_slice() {
-        [f] => network_filter(f).map_err(|e| within("filters[0]", e))?,
-        [] => return bad("filters", "a filter chain without filters is not supported"),
-        _ => {
-            return bad(
-                "filters",
-                format!(
-                    "{} network filters; only one terminal filter (HCM or tcp_proxy) is supported",
-                    c.filters.len()
-                ),
-            )
-        }
+    // Network RBAC filters (AuthorizationPolicy on TCP), then one terminal filter.
+    let Some((last, before)) = c.filters.split_last() else {
+        return bad("filters", "a filter chain without filters is not supported");
     };
+    let mut rbac = Vec::with_capacity(before.len());
+    for (i, f) in before.iter().enumerate() {
+        let field = format!("filters[{i}]");
+        if f.name != NETWORK_RBAC_FILTER {
+            return bad(
+                format!("{field}.name"),
+                format!(
+                    "network filter {} before the terminal one; only {NETWORK_RBAC_FILTER} is supported there",
+                    f.name
+                ),
+            );
+        }
+        let Some(lv3::filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+            return bad(format!("{field}.typed_config"), "missing");
+        };
+        let r: nrbacv3::Rbac = unpack(&format!("{field}.typed_config"), any)?;
+        let r = crate::rbac::NetworkRbac::try_from(&r)
+            .or_else(|e| bad(format!("{field}.typed_config.{}", e.field), e.reason))?;
+        rbac.push(Arc::new(r));
+    }
+    let filter =
+        network_filter(last).map_err(|e| within(&format!("filters[{}]", before.len()), e))?;
     Ok(FilterChain {
         name: c.name.clone(),
         matcher,
+        network_rbac: rbac.into(),
         filter,
         tls,
     })
@@ -258,6 +276,15 @@ fn http_connection_manager(h: &hcm::HttpConnectionManager) -> FResult<NetworkFil
             FAULT_FILTER => HttpFilter::Fault,
             CORS_FILTER => HttpFilter::Cors,
             ROUTER_FILTER => HttpFilter::Router,
+            RBAC_FILTER => {
+                let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                    return bad(format!("{field}.typed_config"), "missing");
+                };
+                let r: hrbacv3::Rbac = unpack(&format!("{field}.typed_config"), any)?;
+                let r = crate::rbac::HttpRbac::try_from((&r, h.stat_prefix.as_str()))
+                    .or_else(|e| bad(format!("{field}.typed_config.{}", e.field), e.reason))?;
+                HttpFilter::Rbac(Arc::new(r))
+            }
             crate::jwt::JWT_AUTHN => {
                 use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3 as jwtv3;
                 let Some(hcm::http_filter::ConfigType::TypedConfig(any)) = &f.config_type else {

@@ -189,11 +189,41 @@ pub(crate) fn lb_endpoint(address: &str, port: u16, weight: u32) -> ev3::LbEndpo
 /// The merged policy for a port/subset: DR top-level, then port-level, then subset (and the
 /// subset's own port-level), later ones overriding earlier ones field by field as istiod does.
 #[derive(Default)]
-struct Policy {
-    lb: Option<net::LoadBalancerSettings>,
+pub(crate) struct Policy {
+    pub(crate) lb: Option<net::LoadBalancerSettings>,
     pool: Option<net::ConnectionPoolSettings>,
-    outlier: Option<net::OutlierDetection>,
+    pub(crate) outlier: Option<net::OutlierDetection>,
     tls: Option<net::ClientTlsSettings>,
+}
+
+/// The merged policy of one cluster (what [`outbound_clusters`] builds it with), for the
+/// generators that need it per cluster name (EDS's locality load balancing).
+pub(crate) fn traffic_policy(
+    proxy: &Proxy,
+    push: &PushContext,
+    host: &str,
+    port: u16,
+    subset: &str,
+) -> Policy {
+    let mut p = Policy::default();
+    let Some(dr) = push.destination_rule(&proxy.namespace, host) else {
+        return p;
+    };
+    if let Some(tp) = &dr.spec.traffic_policy {
+        p.apply(tp, port);
+    }
+    if !subset.is_empty() {
+        if let Some(tp) = dr
+            .spec
+            .subsets
+            .iter()
+            .find(|s| s.name == subset)
+            .and_then(|s| s.traffic_policy.as_ref())
+        {
+            p.apply(tp, port);
+        }
+    }
+    p
 }
 
 impl Policy {
@@ -254,7 +284,7 @@ fn outbound_clusters(
     if let Some(tp) = dr.and_then(|d| d.spec.traffic_policy.as_ref()) {
         policy.apply(tp, port.port);
     }
-    let mut out = vec![outbound_cluster(push, svc, port, "", &policy)];
+    let mut out = vec![outbound_cluster(proxy, push, svc, port, "", &policy)];
     if let Some(dr) = dr {
         for subset in &dr.spec.subsets {
             let mut p = Policy::default();
@@ -264,13 +294,14 @@ fn outbound_clusters(
             if let Some(tp) = &subset.traffic_policy {
                 p.apply(tp, port.port);
             }
-            out.push(outbound_cluster(push, svc, port, &subset.name, &p));
+            out.push(outbound_cluster(proxy, push, svc, port, &subset.name, &p));
         }
     }
     out
 }
 
 fn outbound_cluster(
+    proxy: &Proxy,
     push: &PushContext,
     svc: &Service,
     port: &ServicePort,
@@ -294,23 +325,24 @@ fn outbound_cluster(
                 cluster::DiscoveryType::LogicalDns
             };
             let mut c = base(name.clone(), kind);
-            let eps: Vec<ev3::LbEndpoint> = push
-                .endpoints(&svc.hostname, port.port)
-                .iter()
-                .map(|e| service_lb_endpoint(push, e))
-                .collect();
-            // LOGICAL_DNS takes exactly one host.
-            let eps = if kind == cluster::DiscoveryType::LogicalDns {
-                eps.into_iter().take(1).collect()
+            let eps: Vec<&Endpoint> = push.endpoints(&svc.hostname, port.port).iter().collect();
+            let endpoints = if kind == cluster::DiscoveryType::LogicalDns {
+                // LOGICAL_DNS takes exactly one host.
+                vec![ev3::LocalityLbEndpoints {
+                    lb_endpoints: eps
+                        .iter()
+                        .take(1)
+                        .map(|e| service_lb_endpoint(push, e))
+                        .collect(),
+                    ..Default::default()
+                }]
             } else {
-                eps
+                // Grouped by locality: the priorities below apply to these too, as in istiod.
+                super::endpoint::locality_groups(push, &eps, false).0
             };
             c.load_assignment = Some(ev3::ClusterLoadAssignment {
                 cluster_name: name.clone(),
-                endpoints: vec![ev3::LocalityLbEndpoints {
-                    lb_endpoints: eps,
-                    ..Default::default()
-                }],
+                endpoints,
                 ..Default::default()
             });
             c.dns_lookup_family = cluster::DnsLookupFamily::V4Preferred as i32;
@@ -347,6 +379,9 @@ fn outbound_cluster(
     }
     if let Some(od) = &policy.outlier {
         c.outlier_detection = Some(outlier(od));
+    }
+    if svc.resolution != Resolution::Passthrough {
+        apply_locality_lb(&mut c, proxy, policy);
     }
     let http = policy.pool.as_ref().and_then(|p| p.http.as_ref());
     let h2 = port.protocol.is_http2()
@@ -458,6 +493,34 @@ fn upstream_tls(
             ];
         }
         None => {}
+    }
+}
+
+/// Locality load balancing (istiod's `applyLocalityLoadBalancer`): weigh localities when the
+/// setting distributes load or names failover rules with outlier detection on, and rank the
+/// inline (DNS) endpoints as EDS does.
+fn apply_locality_lb(c: &mut Cluster, proxy: &Proxy, policy: &Policy) {
+    let Some(setting) = mizzen_model::locality::LocalityLbSetting::effective(
+        policy
+            .lb
+            .as_ref()
+            .and_then(|lb| lb.locality_lb_setting.as_ref()),
+    ) else {
+        return;
+    };
+    let outlier = c.outlier_detection.is_some();
+    if setting.locality_weighted(outlier) {
+        c.common_lb_config = Some(cluster::CommonLbConfig {
+            locality_config_specifier: Some(
+                cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(
+                    Default::default(),
+                ),
+            ),
+            ..Default::default()
+        });
+    }
+    if let Some(la) = c.load_assignment.as_mut() {
+        super::endpoint::apply_locality_lb(la, None, proxy, &setting, outlier);
     }
 }
 
