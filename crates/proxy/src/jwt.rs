@@ -693,21 +693,11 @@ impl JwtAuthn {
         for h in &ex.sanitize {
             req.headers_mut().remove(h);
         }
-        let mut tokens: Vec<(String, Issuers, Removal)> = ex
-            .extract(req)
-            .into_iter()
-            .map(|t| {
-                let removal = match t.at {
-                    At::Header(h) => Removal::Header(h.clone()),
-                    At::Param(p) => Removal::Param(p.to_string()),
-                    At::Cookie => Removal::None,
-                };
-                (t.value, t.issuers.clone(), removal)
-            })
-            .collect();
+        // The tokens borrow the extractor (the config), not the request.
+        let mut tokens = ex.extract(req);
         let mut status = Err(Status::Missed);
-        while let Some((value, issuers, removal)) = tokens.pop() {
-            status = self.verify_token(provider, &value, &issuers, &removal, req, now, payloads);
+        while let Some(token) = tokens.pop() {
+            status = self.verify_token(provider, &token, req, now, payloads);
             if status.is_err() && bypass.is_none() {
                 break;
             }
@@ -719,19 +709,16 @@ impl JwtAuthn {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn verify_token<B>(
         &self,
         provider: Option<usize>,
-        token: &str,
-        issuers: &Issuers,
-        removal: &Removal,
+        token: &Token<'_>,
         req: &mut Request<B>,
         now: u64,
         payloads: &mut Payloads,
     ) -> Result<(), Status> {
-        let jwt = Jwt::parse(token)?;
-        if !issuers.allows(&jwt.iss) {
+        let jwt = Jwt::parse(&token.value)?;
+        if !token.issuers.allows(&jwt.iss) {
             return Err(Status::UnknownIssuer);
         }
         let p = match provider {
@@ -772,12 +759,12 @@ impl JwtAuthn {
             }
         }
         if !p.forward {
-            match removal {
-                Removal::Header(h) => {
+            match token.at {
+                At::Header(h) => {
                     headers.remove(h);
                 }
-                Removal::Param(name) => remove_param(req, name),
-                Removal::None => {}
+                At::Param(name) => remove_param(req, name),
+                At::Cookie => {}
             }
         }
         if let Some(k) = &p.header_in_metadata {
@@ -823,12 +810,6 @@ impl JwtAuthn {
             reason,
         }
     }
-}
-
-enum Removal {
-    Header(HeaderName),
-    Param(String),
-    None,
 }
 
 fn is_cors_preflight<B>(req: &Request<B>) -> bool {
