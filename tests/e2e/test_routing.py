@@ -286,6 +286,22 @@ def test_locality_distribute_weights(locality: RouterMesh):
     mesh.assert_no_rejections()
 
 
+def test_upgrades_only_as_configured(mesh: RouterMesh):
+    """The pilot enables only ``websocket`` upgrades (upgrade_configs, as Istio): any other
+    ``Upgrade`` is refused with 403 before reaching the backend; ``h2c`` is not proxied but
+    stripped (Upgrade, HTTP2-Settings and their Connection tokens), the request served as
+    plain HTTP/1.1. WebSocket itself is tested in test_protocols.py."""
+    tag = uuid.uuid4().hex
+    r = mesh.gw.get("split.example.com", f"/up/{tag}", headers={"Connection": "Upgrade", "Upgrade": "foo/1"})
+    assert (r.status_code, r.text) == (403, ""), (r.status_code, r.text[:200])
+    assert mesh.b["web-v1"].count(f"/up/{tag}") + mesh.b["web-v2"].count(f"/up/{tag}") == 0
+    r = mesh.gw.get("split.example.com", f"/h2c/{tag}", headers={
+        "Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c", "HTTP2-Settings": "AAMAAABkAAQAAP__"})
+    assert r.status_code == 200, (r.status_code, r.text[:200])
+    seen = {k.lower() for k in echo(r)["headers"]}
+    assert not seen & {"upgrade", "http2-settings"}, seen
+
+
 def test_mirror_sends_a_copy_to_v2(mesh: RouterMesh):
     tag = uuid.uuid4().hex
     for i in range(5):

@@ -29,6 +29,7 @@ use crate::Shared;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -301,11 +302,20 @@ const MAX_IDLE_PER_HOST: usize = 1024;
 /// which may be none): past it the request overflows.
 const MAX_PENDING_WAIT: Duration = Duration::from_secs(300);
 
-struct H1Host {
+pub(crate) struct H1Host {
     idle_tx: crossbeam_channel::Sender<H1Conn>,
     idle_rx: crossbeam_channel::Receiver<H1Conn>,
     /// Connections open to this endpoint, busy or idle.
     open: std::sync::atomic::AtomicU32,
+}
+
+impl std::fmt::Debug for H1Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1Host")
+            .field("idle", &self.idle_rx.len())
+            .field("open", &self.open)
+            .finish()
+    }
 }
 
 impl Default for H1Host {
@@ -395,16 +405,14 @@ impl H1Pool {
     }
 
     async fn send(
-        &self,
         pool: PoolUse<'_>,
+        host: Arc<H1Host>,
         endpoint: SocketAddr,
         source: Option<IpAddr>,
         tls: Option<&Arc<crate::config::UpstreamTls>>,
         req: Request<Body>,
         reusable: bool,
     ) -> Result<Response<Body>, Failure> {
-        let key = (endpoint, source, tls.map(|t| t.key));
-        let host = self.host(key);
         let limits = pool.limits;
         let mut conn = Self::take_idle(&host, limits.idle_timeout).await;
         if conn.is_none() {
@@ -668,7 +676,13 @@ pub struct ConnCtx {
     pub shared: Arc<Shared>,
     /// Key of the route table in the snapshot (RDS name or the inline key).
     pub route_key: Arc<str>,
-    /// The HCM's HTTP filters in decoder order (the router last).
+    /// Where this connection's HCM lives in the snapshot (listener, chain index and name), so
+    /// each request runs the filters of the current config (see [`current_hcm`]).
+    pub listener: Arc<str>,
+    pub chain: Option<usize>,
+    pub chain_name: Arc<str>,
+    /// The HCM's HTTP filters in decoder order (the router last) when the connection was
+    /// accepted.
     pub http_filters: Arc<[crate::config::HttpFilter]>,
     /// The HCM's `use_remote_address` / `xff_num_trusted_hops`: where `remote_ip` comes from.
     pub use_remote_address: bool,
@@ -687,6 +701,8 @@ pub struct ConnCtx {
     pub security: crate::tls::Security,
     /// The connection manager's access logs (usually none or one).
     pub access_log: Arc<[crate::access_log::AccessLog]>,
+    /// The connection manager's `upgrade_configs`.
+    pub upgrades: Arc<[crate::config::UpgradeConfig]>,
 }
 
 /// Serve one downstream connection (HTTP/1.1 or h2c) until it closes or we shut down.
@@ -920,11 +936,20 @@ async fn route_request(
         .get(&*ctx.route_key)
         .and_then(|table| table.virtual_host(authority))
         .and_then(|vh| vh.routes.iter().find(|r| route_matches(r, &req, authority)));
+    // Upgrades are decided before any filter runs, as Envoy does when it builds the chain.
+    if let Some(resp) = upgrade_filter(ctx, route, &mut req) {
+        return resp;
+    }
     let mut state = FilterState::default();
     let mut cors_headers = None;
+    let live = current_hcm(ctx, &snap);
+    let filters = live.map_or(&*ctx.http_filters, |h| &*h.http_filters);
+    let xff = live.map_or((ctx.use_remote_address, ctx.xff_num_trusted_hops), |h| {
+        (h.use_remote_address, h.xff_num_trusted_hops)
+    });
     // The decoder filters in the HCM's order (the pilot emits fault, cors, jwt_authn, rbac,
     // router); any of them may answer the request itself.
-    for filter in ctx.http_filters.iter() {
+    for filter in filters {
         match filter {
             HttpFilter::JwtAuthn(jwt) => {
                 if let Some(resp) = jwt_filter(jwt, &mut req, &mut state) {
@@ -932,7 +957,7 @@ async fn route_request(
                 }
             }
             HttpFilter::Rbac(rbac) => {
-                if let Some(resp) = rbac_filter(ctx, rbac, &req, authority, &state, out) {
+                if let Some(resp) = rbac_filter(ctx, xff, rbac, &req, authority, &state, out) {
                     return resp;
                 }
             }
@@ -1008,9 +1033,33 @@ impl DynamicMetadata {
     }
 }
 
+/// This connection's HCM in the current snapshot. Envoy drains connections whose filter
+/// chain changed, so their clients reconnect to the new config; here a long-lived
+/// (keep-alive, pooled) connection runs the current filters on its next request instead, so
+/// an AuthorizationPolicy applies to it at once. `None` when the chain is gone or changed
+/// place: the connection keeps the filters it was accepted with.
+fn current_hcm<'s>(
+    ctx: &ConnCtx,
+    snap: &'s Snapshot,
+) -> Option<&'s crate::config::HttpConnectionManager> {
+    let l = snap.listeners.get(&*ctx.listener)?;
+    let chain = match ctx.chain {
+        Some(i) => l.filter_chains.get(i)?,
+        None => l.default_chain.as_ref()?,
+    };
+    if *chain.name != *ctx.chain_name {
+        return None;
+    }
+    match &chain.filter {
+        crate::config::NetworkFilter::Http(h) => Some(h),
+        crate::config::NetworkFilter::Tcp(_) => None,
+    }
+}
+
 /// `envoy.filters.http.rbac`: `Some(403)` when the request is denied.
 fn rbac_filter(
     ctx: &ConnCtx,
+    (use_remote_address, xff_num_trusted_hops): (bool, u32),
     rbac: &crate::rbac::HttpRbac,
     req: &Request<Incoming>,
     authority: &str,
@@ -1020,8 +1069,8 @@ fn rbac_filter(
     let remote_ip = crate::rbac::remote_ip(
         req.headers().get("x-forwarded-for"),
         ctx.peer.ip(),
-        ctx.use_remote_address,
-        ctx.xff_num_trusted_hops,
+        use_remote_address,
+        xff_num_trusted_hops,
     );
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let facts = crate::rbac::Facts {
@@ -1184,7 +1233,7 @@ fn mirror(
     snap: &Snapshot,
     a: &RouteAction,
     method: &http::Method,
-    path: &str,
+    path: &PathAndQuery,
     host: &str,
     headers: &HeaderMap,
     body: &Bytes,
@@ -1202,8 +1251,7 @@ fn mirror(
         };
         let mut h = headers.clone();
         insert_str(&mut h, header::HOST, &shadow);
-        let (ctx, method, path, body) =
-            (ctx.clone(), method.clone(), path.to_string(), body.clone());
+        let (ctx, method, path, body) = (ctx.clone(), method.clone(), path.clone(), body.clone());
         tokio::spawn(async move {
             let Some(picked) = cluster.pick(ctx.original_dst) else {
                 return;
@@ -1450,8 +1498,9 @@ fn pick_target(target: &ClusterTarget) -> (&str, Option<&HeaderOps>, Option<&str
     }
 }
 
-/// Hop-by-hop headers a proxy must not forward (RFC 9110 7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Hop-by-hop headers a proxy must not forward (RFC 9110 7.6.1). A static: a `const` array
+/// of `HeaderName`s is built and dropped at every use.
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -1461,20 +1510,54 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+/// Header names looked up per request, parsed once.
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names is cheaper than seven removals.
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // One pass over the names finds which hop-by-hop headers are there (usually none or
+    // `Connection`), instead of seven hashed removals.
+    let mut present = 0u8;
+    for k in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    // Headers named in `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+    // Headers named in `Connection` are hop-by-hop too (`keep-alive`, `close` and the
+    // listed ones need no extra removal).
+    let mut named: Vec<HeaderName> = Vec::new();
+    if present & 1 != 0 {
+        for t in h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+        {
+            let t = t.trim();
+            if t.is_empty()
+                || t.eq_ignore_ascii_case("close")
+                || HOP_BY_HOP
+                    .iter()
+                    .any(|n| t.eq_ignore_ascii_case(n.as_str()))
+            {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+                named.push(n);
+            }
+        }
+    }
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            h.remove(n);
+        }
+    }
+    for n in &named {
         h.remove(n);
     }
 }
@@ -1688,19 +1771,22 @@ async fn forward(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, proto.clone());
     }
-    if !headers.contains_key("x-request-id") {
-        headers.insert("x-request-id", request_id());
+    if !headers.contains_key(&X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID.clone(), request_id());
     }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
     crate::tls::apply_xfcc(&mut headers, &ctx.security);
     apply_request_ops(&mut headers, &route.headers);
     if let Some(ops) = cluster_ops {
         apply_request_ops(&mut headers, ops);
     }
-    if let Ok(v) = HeaderValue::from_str(&host) {
-        headers.insert(header::HOST, v);
+    // Usually the request's own `Host` already says it: no copy then.
+    if headers.get(header::HOST).map(|v| v.as_bytes()) != Some(host.as_bytes()) {
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            headers.insert(header::HOST, v);
+        }
     }
     if let ReqBody::Buffered(body) = &req_body {
         mirror(ctx, snap, a, &parts.method, &path, &host, &headers, body);
@@ -1731,7 +1817,7 @@ async fn forward(
         } else {
             headers.clone()
         };
-        h.insert("x-envoy-attempt-count", attempt_count(attempt));
+        h.insert(X_ENVOY_ATTEMPT_COUNT.clone(), attempt_count(attempt));
         out.upstream_host = Some(picked.host.authority());
         out.upstream_workload = picked.host.endpoint.workload.clone();
         let tls = cluster.tls_for(&picked.host).cloned();
@@ -1861,19 +1947,13 @@ enum AttemptResult {
     GlobalTimeout,
 }
 
-/// The endpoint as a socket address, when it is an IP (not a STRICT_DNS hostname).
-fn endpoint_addr(host: &crate::cluster::Host) -> Option<SocketAddr> {
-    let ip: IpAddr = host.endpoint.host.parse().ok()?;
-    Some(SocketAddr::new(ip, host.endpoint.port))
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn attempt_once(
     ctx: &ConnCtx,
     cluster: &ClusterLb,
     tls: Option<&Arc<crate::config::UpstreamTls>>,
     host: &crate::cluster::Host,
-    path: &str,
+    path: &PathAndQuery,
     method: &http::Method,
     headers: HeaderMap,
     extensions: http::Extensions,
@@ -1881,7 +1961,7 @@ async fn attempt_once(
     deadline: Option<Instant>,
     retry: Option<&RetryPolicy>,
 ) -> AttemptResult {
-    let addr = endpoint_addr(host);
+    let addr = host.addr;
     let http2 = cluster.config.http2;
     // HTTP/1.1 to an IP, cleartext or over a TLS context that cannot pick h2 by ALPN: our
     // own pool, with the request in origin form and its `Host` header as is.
@@ -1893,14 +1973,14 @@ async fn attempt_once(
     let h2c = addr.filter(|_| http2);
     let mut headers = headers;
     let uri: Result<Uri, String> = if own_h1.is_some() {
-        Uri::try_from(path).map_err(|e| e.to_string())
+        Ok(Uri::from(path.clone()))
     } else {
         let target = match h2c {
             Some(_) => headers
                 .remove(header::HOST)
                 .and_then(|h| h.to_str().ok().map(str::to_string))
-                .unwrap_or_else(|| host.authority()),
-            None => host.authority(),
+                .unwrap_or_else(|| host.authority_str().to_string()),
+            None => host.authority_str().to_string(),
         };
         format!("http://{target}{path}")
             .parse()
@@ -1929,19 +2009,19 @@ async fn attempt_once(
         (g, p) => g.or(p),
     };
     let clients = &ctx.shared.clients;
-    let breakers = clients.breakers(&cluster.config.name);
+    let breakers = cluster
+        .breakers
+        .get_or_init(|| clients.breakers(&cluster.config.name));
     let limits = &cluster.config.pool;
     let source = cluster.config.source_address;
     let fut = async {
         if let Some(addr) = own_h1 {
-            let pool = PoolUse {
-                breakers: &breakers,
-                limits,
-            };
-            return clients
-                .h1pool
-                .send(pool, addr, source, tls, req, reusable)
-                .await;
+            let pool = PoolUse { breakers, limits };
+            // One pool per (endpoint, source, TLS context): fixed for a host of this cluster.
+            let h1 = host
+                .h1_pool
+                .get_or_init(|| clients.h1pool.host((addr, source, tls.map(|t| t.key))));
+            return H1Pool::send(pool, h1.clone(), addr, source, tls, req, reusable).await;
         }
         // The other pools: only `max_requests` applies (their connections are theirs).
         let request = breakers
@@ -2019,7 +2099,7 @@ fn retriable_response<B>(r: &RetryPolicy, resp: &Response<B>) -> bool {
     if !on.grpc_codes.is_empty() {
         let grpc = resp
             .headers()
-            .get("grpc-status")
+            .get(&GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u32>().ok());
         if grpc.is_some_and(|g| on.grpc_codes.contains(&g)) {
@@ -2049,7 +2129,9 @@ async fn retry_backoff(
     deadline: Option<Instant>,
     out: &mut Outcome,
 ) -> bool {
-    let breakers = ctx.shared.clients.breakers(&cluster.config.name);
+    let breakers = cluster
+        .breakers
+        .get_or_init(|| ctx.shared.clients.breakers(&cluster.config.name));
     let Some(_retry) = breakers.take(Resource::Retries, cluster.config.pool.max_retries, false)
     else {
         out.flags.push("UO");
@@ -2074,9 +2156,71 @@ async fn backoff(attempt: u32, deadline: Option<Instant>) -> bool {
 
 // ------------------------------------------------------------------ upgrades
 
-/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` + `Upgrade`).
-/// Istio's listeners always carry the `websocket` upgrade config; other protocols pass too,
-/// the upstream decides.
+/// Envoy's upgrade handling for an HTTP/1.1 request asking to switch protocols:
+/// - `h2c`: not proxied; its `Upgrade`, `HTTP2-Settings` and their `Connection` tokens are
+///   removed and the request goes on as a plain one (Envoy's HTTP/1 codec);
+/// - otherwise the route's `upgrade_configs` entry for the type decides, else the HCM's: an
+///   upgrade nothing enables is answered 403 with an empty body (`upgrade_failed`).
+fn upgrade_filter(
+    ctx: &ConnCtx,
+    route: Option<&Route>,
+    req: &mut Request<Incoming>,
+) -> Option<Response<Body>> {
+    let proto = upgrade_protocol(req.headers(), req.version())?;
+    let kind = proto.to_str().unwrap_or("").trim().to_ascii_lowercase();
+    if kind == "h2c" {
+        strip_h2c_upgrade(req.headers_mut());
+        return None;
+    }
+    let per_route = match route.map(|r| &r.action) {
+        Some(Action::Route(a)) => a.upgrades.as_slice(),
+        _ => &[],
+    };
+    if upgrade_allowed(&ctx.upgrades, per_route, &kind) {
+        return None;
+    }
+    debug!(upgrade = %kind, "upgrade not enabled by the connection manager or the route");
+    Some(local_reply(StatusCode::FORBIDDEN, ""))
+}
+
+/// A route entry for the type decides (enabled or not); else an enabled HCM entry.
+fn upgrade_allowed(
+    hcm: &[crate::config::UpgradeConfig],
+    route: &[crate::config::UpgradeConfig],
+    kind: &str,
+) -> bool {
+    match route.iter().find(|u| u.kind == kind) {
+        Some(u) => u.enabled,
+        None => hcm.iter().any(|u| u.kind == kind && u.enabled),
+    }
+}
+
+fn strip_h2c_upgrade(h: &mut HeaderMap) {
+    h.remove(header::UPGRADE);
+    h.remove("http2-settings");
+    let kept: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case("upgrade")
+                && !t.eq_ignore_ascii_case("http2-settings")
+        })
+        .map(str::to_string)
+        .collect();
+    h.remove(header::CONNECTION);
+    if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
+        if !kept.is_empty() {
+            h.insert(header::CONNECTION, v);
+        }
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` + `Upgrade`);
+/// [`upgrade_filter`] has already refused the ones the config does not enable.
 fn upgrade_protocol(h: &HeaderMap, version: Version) -> Option<HeaderValue> {
     if version != Version::HTTP_11 {
         return None;
@@ -2456,6 +2600,55 @@ mod tests {
             })
             .count();
         assert!((2_700..3_300).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn upgrades_follow_the_route_then_the_connection_manager() {
+        use crate::config::UpgradeConfig;
+        let u = |kind: &str, enabled: bool| UpgradeConfig {
+            kind: kind.into(),
+            enabled,
+        };
+        let hcm = [u("websocket", true), u("spdy/3.1", false)];
+        assert!(upgrade_allowed(&hcm, &[], "websocket"));
+        assert!(
+            !upgrade_allowed(&hcm, &[], "spdy/3.1"),
+            "disabled in the HCM"
+        );
+        assert!(!upgrade_allowed(&hcm, &[], "foo"), "configured nowhere");
+        assert!(!upgrade_allowed(
+            &hcm,
+            &[u("websocket", false)],
+            "websocket"
+        ));
+        assert!(
+            upgrade_allowed(&hcm, &[u("foo", true)], "foo"),
+            "the route enables it"
+        );
+        assert!(upgrade_allowed(&hcm, &[u("spdy/3.1", true)], "spdy/3.1"));
+    }
+
+    #[test]
+    fn h2c_upgrade_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAAP__"),
+        );
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, HTTP2-Settings, keep-alive"),
+        );
+        strip_h2c_upgrade(&mut h);
+        assert!(h.get(header::UPGRADE).is_none() && h.get("http2-settings").is_none());
+        assert_eq!(
+            h.get(header::CONNECTION),
+            Some(&HeaderValue::from_static("keep-alive"))
+        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        strip_h2c_upgrade(&mut h);
+        assert!(h.get(header::CONNECTION).is_none());
     }
 
     #[test]

@@ -26,7 +26,7 @@ from .traffic import Gateway
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ROUTER_FILES = ["gateway", "web", "api", "vs-split", "vs-match", "vs-rewrite", "vs-redirect",
                 "vs-fault", "vs-timeout", "vs-retry", "vs-edit", "tcp-echo", "vs-mirror-cors",
-                "vs-hash"]
+                "vs-hash", "vs-breaker"]
 ECHO_V1_IP, ECHO_V2_IP = "127.0.0.15", "127.0.0.16"
 ROUTER_IP = "127.0.0.100"  # the gateway's identity (node id); nothing binds it
 WEB_V1_IP, WEB_V2_IP, API_V1_IP, API_V2_IP = "127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"

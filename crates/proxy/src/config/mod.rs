@@ -91,6 +91,17 @@ pub struct HttpConnectionManager {
     pub xfcc: Xfcc,
     /// File access logs, one line per request.
     pub access_log: Arc<[crate::access_log::AccessLog]>,
+    /// `upgrade_configs`: the `Upgrade` protocols allowed (Istio: `websocket`).
+    pub upgrades: Arc<[UpgradeConfig]>,
+}
+
+/// One `upgrade_configs` entry (HCM or route): requests asking `Upgrade: <kind>` may be
+/// tunnelled when enabled; Envoy answers 403 to an upgrade nothing enables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpgradeConfig {
+    /// Lower-cased (Envoy compares upgrade types case-insensitively).
+    pub kind: String,
+    pub enabled: bool,
 }
 
 /// One HTTP filter of an HCM, converted from its `http_filters` entry.
@@ -282,6 +293,8 @@ pub struct RouteAction {
     pub mirrors: Vec<Mirror>,
     /// What RING_HASH / MAGLEV clusters hash (ignored by the other balancers, as in Envoy).
     pub hash_policy: Vec<crate::hash::HashPolicy>,
+    /// Route `upgrade_configs`: override the HCM's per upgrade type.
+    pub upgrades: Vec<UpgradeConfig>,
 }
 
 #[derive(Clone, Debug)]

@@ -325,7 +325,29 @@ fn http_connection_manager(h: &hcm::HttpConnectionManager) -> FResult<NetworkFil
         xff_num_trusted_hops: h.xff_num_trusted_hops,
         xfcc: xfcc(h)?,
         access_log: access_logs(&h.access_log)?.into(),
+        upgrades: hcm_upgrades(&h.upgrade_configs)?.into(),
     }))
+}
+
+/// The HCM's `upgrade_configs`; a custom filter chain for an upgrade is not supported.
+fn hcm_upgrades(
+    u: &[hcm::http_connection_manager::UpgradeConfig],
+) -> FResult<Vec<crate::config::UpgradeConfig>> {
+    u.iter()
+        .enumerate()
+        .map(|(i, c)| {
+            if !c.filters.is_empty() {
+                return bad(
+                    format!("upgrade_configs[{i}].filters"),
+                    "upgrade-specific filter chains are not supported",
+                );
+            }
+            Ok(crate::config::UpgradeConfig {
+                kind: c.upgrade_type.to_ascii_lowercase(),
+                enabled: c.enabled.as_ref().is_none_or(|b| b.value),
+            })
+        })
+        .collect()
 }
 
 /// `envoy.access_loggers.file` (text format) and `envoy.access_loggers.stdout`; filters and
@@ -810,6 +832,23 @@ fn route_action(a: &rv3::RouteAction) -> FResult<RouteAction> {
         .as_ref()
         .map(|r| retry_policy(r).map_err(|e| within("retry_policy", e)))
         .transpose()?;
+    let upgrades = a
+        .upgrade_configs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            if c.connect_config.is_some() {
+                return bad(
+                    format!("upgrade_configs[{i}].connect_config"),
+                    "CONNECT termination is not supported",
+                );
+            }
+            Ok(crate::config::UpgradeConfig {
+                kind: c.upgrade_type.to_ascii_lowercase(),
+                enabled: c.enabled.as_ref().is_none_or(|b| b.value),
+            })
+        })
+        .collect::<FResult<Vec<_>>>()?;
     Ok(RouteAction {
         target,
         timeout: a.timeout.as_ref().map(duration).filter(|d| !d.is_zero()),
@@ -819,6 +858,7 @@ fn route_action(a: &rv3::RouteAction) -> FResult<RouteAction> {
         retry,
         mirrors,
         hash_policy,
+        upgrades,
     })
 }
 
