@@ -2697,6 +2697,89 @@ mod tests {
         assert!(left.is_some_and(|l| l.rest.is_none()));
     }
 
+    /// A backend on loopback that counts its connections; `/slow` answers after 300 ms.
+    async fn counting_backend() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        if req.uri().path() == "/slow" {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
+                        Ok::<_, Infallible>(Response::new(full_body(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn pooled_get(
+        host: &Arc<H1Host>,
+        breakers: &Arc<Breakers>,
+        limits: &crate::config::PoolLimits,
+        addr: SocketAddr,
+        path: &'static str,
+    ) -> Result<Bytes, &'static str> {
+        let mut req = Request::new(full_body(Bytes::new()));
+        *req.uri_mut() = Uri::from_static(path);
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("backend"));
+        let pool = PoolUse { breakers, limits };
+        match H1Pool::send(pool, host.clone(), addr, None, None, req, true).await {
+            Ok(r) => Ok(r.into_body().collect().await.unwrap().to_bytes()),
+            Err(Failure::Overflow) => Err("overflow"),
+            Err(_) => Err("failed"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_h1_pool_reuses_connections_within_its_limits() {
+        let (addr, accepted) = counting_backend().await;
+        let pool = H1Pool::default();
+        let host = pool.host((addr, None, None));
+        let breakers = Arc::new(Breakers::default());
+        let mut limits = crate::config::PoolLimits {
+            max_requests_per_connection: 2,
+            ..Default::default()
+        };
+        for _ in 0..5 {
+            let body = pooled_get(&host, &breakers, &limits, addr, "/").await;
+            assert_eq!(body.as_deref(), Ok(&b"ok"[..]));
+        }
+        let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(n, 3, "two requests per connection");
+
+        // One connection (the idle one left above, now unlimited reuse) and one pending
+        // request: of three concurrent slow requests the first takes the connection, the
+        // second waits for it, the third overflows.
+        limits.max_requests_per_connection = 0;
+        limits.max_connections = 1;
+        limits.max_pending_requests = 1;
+        let (a, b, c) = tokio::join!(
+            pooled_get(&host, &breakers, &limits, addr, "/slow"),
+            pooled_get(&host, &breakers, &limits, addr, "/slow"),
+            pooled_get(&host, &breakers, &limits, addr, "/slow"),
+        );
+        assert_eq!(
+            (a.is_ok(), b.is_ok(), c),
+            (true, true, Err("overflow")),
+            "{a:?} {b:?}"
+        );
+        let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(n, 3, "the second request reused the first one's connection");
+        assert_eq!(breakers.pending.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(breakers.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
     #[tokio::test]
     async fn a_body_over_the_retry_buffer_is_not_handed_back() {
         let (tx, rx) = oneshot::channel();

@@ -170,6 +170,24 @@ async fn connection(shared: Arc<Shared>, name: String, stream: TcpStream, peer: 
             }
         }
     };
+    // Network RBAC (AuthorizationPolicy on TCP chains): decided once, before the terminal
+    // filter opens anything upstream; a denied connection is closed.
+    if !chain.network_rbac.is_empty() {
+        let facts = crate::rbac::Facts {
+            peer,
+            remote_ip: peer.ip(),
+            local: dst,
+            security: &security,
+            sni: sniffed.hello.sni.as_deref(),
+            request: None,
+        };
+        for rbac in chain.network_rbac.iter() {
+            if let crate::rbac::Verdict::Deny(policy) = rbac.check(&facts) {
+                debug!(listener = %listener.name, chain = %chain.name, %peer, %dst, policy = policy.unwrap_or("none"), "rbac: connection denied; closing");
+                return;
+            }
+        }
+    }
     match &chain.filter {
         NetworkFilter::Http(h) => {
             let route_key: Arc<str> = match &h.routes {
@@ -184,6 +202,9 @@ async fn connection(shared: Arc<Shared>, name: String, stream: TcpStream, peer: 
             let ctx = crate::http::ConnCtx {
                 shared: shared.clone(),
                 route_key,
+                listener: Arc::from(listener.name.as_str()),
+                chain: idx,
+                chain_name: Arc::from(chain.name.as_str()),
                 http_filters: h.http_filters.clone(),
                 use_remote_address: h.use_remote_address,
                 xff_num_trusted_hops: h.xff_num_trusted_hops,
@@ -194,6 +215,7 @@ async fn connection(shared: Arc<Shared>, name: String, stream: TcpStream, peer: 
                 reporter,
                 security: security.with_xfcc(&h.xfcc),
                 access_log: h.access_log.clone(),
+                upgrades: h.upgrades.clone(),
             };
             drop(snap);
             crate::http::serve(stream, ctx).await;
