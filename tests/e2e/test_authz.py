@@ -1,11 +1,13 @@
-"""AuthorizationPolicy and RequestAuthentication, end to end through a real Envoy sidecar.
+"""AuthorizationPolicy and RequestAuthentication, end to end through both data planes: a real
+Envoy sidecar (``mizzen proxy sidecar --envoy``) and the native one (``mizzen proxy sidecar``),
+with the same policies and the same expected answers (the module runs once per proxy kind).
 
 One workload ``web`` (namespace ``foo``) runs in its own network namespace: an HTTP app and a
-TCP echo server behind an Envoy sidecar (``mizzen proxy sidecar --envoy``) with inbound capture
-(nat PREROUTING to 15006, as istio-iptables' ISTIO_INBOUND does). Clients in the root namespace
+TCP echo server behind the sidecar with inbound capture (nat PREROUTING to 15006, as
+istio-iptables' ISTIO_INBOUND does). Clients in the root namespace
 call the pod IP from two different source addresses of the veth (for ipBlocks). The pilot turns
-the policies into Envoy's RBAC and jwt_authn filters; Envoy must accept every update (no NACK)
-and answer exactly as Istio would: 403 ``RBAC: access denied`` for denied HTTP, a closed
+the policies into Envoy's RBAC and jwt_authn filters; the proxy must accept every update (no
+NACK) and answer exactly as Istio would: 403 ``RBAC: access denied`` for denied HTTP, a closed
 connection for denied TCP, 401 for a bad token.
 
 Tokens are RS256 JWTs signed here with ``cryptography``; the JWKS is served by a small HTTP
@@ -37,6 +39,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from lib.envoy import EnvoyProxy, resolve_envoy_elf
+from lib.native import NativeProxy
 from lib.netns import NetNS
 from lib.pilot import Pilot
 from lib.procs import Proc, wait_until
@@ -156,9 +159,13 @@ class JwksServer:
 
 # ------------------------------------------------------------------ the mesh
 
+PROXY_KINDS = ("envoy", "native")
+
+
 class Mesh:
-    def __init__(self, ns: NetNS, pilot: Pilot, proxy: EnvoyProxy, app_port: int, echo_port: int,
-                 src_a: str, src_b: str, jwks: JwksServer):
+    def __init__(self, kind: str, ns: NetNS, pilot: Pilot, proxy: EnvoyProxy | NativeProxy, app_port: int,
+                 echo_port: int, src_a: str, src_b: str, jwks: JwksServer):
+        self.kind = kind
         self.ns, self.pilot, self.proxy = ns, pilot, proxy
         self.app_port, self.echo_port = app_port, echo_port
         self.src_a, self.src_b = src_a, src_b
@@ -226,12 +233,19 @@ class Mesh:
             raise AssertionError(f"{e}\nstill different (src, method, path, headers, want, got, body): {last}") from None
 
     def rejected(self) -> None:
-        self.proxy.assert_no_rejected_updates()
+        """No update NACKed (so the policies are enforced, not the previous listener)."""
+        if isinstance(self.proxy, EnvoyProxy):
+            self.proxy.assert_no_rejected_updates()
+        else:
+            stats = self.proxy.stats()
+            assert "listener_manager.lds.update_rejected" in stats, sorted(stats)
+            assert self.proxy.rejected() == {}, self.proxy.rejected()
         wait_acked(self.pilot, self.proxy.node_id)
 
 
-@pytest.fixture(scope="module")
-def mesh(require_root, mizzen_bin, envoy_bin):
+@pytest.fixture(scope="module", params=PROXY_KINDS)
+def mesh(request, require_root, mizzen_bin, envoy_bin):
+    kind = request.param
     # The proxy's uid must enter it (pytest's tmp dirs are 0700); removed afterwards.
     work = Path(tempfile.mkdtemp(prefix="mizzen-e2e-authz-"))
     os.chmod(work, 0o755)
@@ -271,19 +285,24 @@ def mesh(require_root, mizzen_bin, envoy_bin):
         pilot = Pilot(mizzen_bin, work, {"workload.yaml": workload}, xds_host=ns.root_ip,
                       name="pilot-authz").start()
         from test_pilot_envoy import exec_as  # the same helper the sidecar test uses
-        proxy = EnvoyProxy(exec_as(PROXY_UID, mizzen_bin, work),
-                           exec_as(PROXY_UID, Path(resolve_envoy_elf(str(envoy_bin))), work),
-                           "sidecar", pilot.xds_address, pod_name="web-1", namespace="foo",
-                           ip=ns.ns_ip, labels={"app": "web"}, workdir=work, netns=ns.name,
-                           uid=PROXY_UID).start()
+        if kind == "envoy":
+            proxy = EnvoyProxy(exec_as(PROXY_UID, mizzen_bin, work),
+                               exec_as(PROXY_UID, Path(resolve_envoy_elf(str(envoy_bin))), work),
+                               "sidecar", pilot.xds_address, pod_name="web-1", namespace="foo",
+                               ip=ns.ns_ip, labels={"app": "web"}, workdir=work, netns=ns.name,
+                               uid=PROXY_UID).start()
+        else:
+            proxy = NativeProxy(exec_as(PROXY_UID, mizzen_bin, work), "sidecar", pilot.xds_address,
+                                pod_name="web-1", namespace="foo", ip=ns.ns_ip, labels={"app": "web"},
+                                workdir=work, netns=ns.name, uid=PROXY_UID).start()
         wait_acked(pilot, proxy.node_id)
-        m = Mesh(ns, pilot, proxy, app_port, echo_port, src_a, src_b, jwks)
+        m = Mesh(kind, ns, pilot, proxy, app_port, echo_port, src_a, src_b, jwks)
 
-        def via_envoy():
+        def via_sidecar():
             st, _, echo = m.http(src_a, "GET", "/")
-            # Envoy adds x-request-id; the app sees the connection from 127.0.0.6.
+            # The sidecar adds x-request-id (a direct request would not have one).
             return st == 200 and "x-request-id" in echo.get("headers", {})
-        wait_until(via_envoy, 20, interval=0.3, what="GET through the inbound sidecar", proc=proxy.proc)
+        wait_until(via_sidecar, 20, interval=0.3, what="GET through the inbound sidecar", proc=proxy.proc)
         assert m.tcp(src_a) == b"echo:ping"
         yield m
     finally:
@@ -488,6 +507,8 @@ spec:
 
 
 def test_jwt_request_authentication(m):
+    if m.kind == "native":
+        pytest.skip("jwt_authn: engineer B")
     a = m.src_a
     iss = "https://issuer.mizzen.test"
     k1, k2, stranger = Signer("k1"), Signer("k2"), Signer("k1")
@@ -588,22 +609,31 @@ spec:
     m.rejected()
 
 
-def test_gateway_enforces_policies_selecting_it(mizzen_bin, envoy_bin, tmp_path):
-    """An ingress gateway (Envoy router) with a RequestAuthentication and AuthorizationPolicies
-    in the root namespace selecting ``istio: ingressgateway``, as Istio users protect ingress."""
+# Until the native proxy verifies tokens, its gateway runs the policies without the
+# RequestAuthentication (a request principal then never matches, as Istio has it).
+NATIVE_JWT = False  # jwt_authn: engineer B
+
+
+@pytest.mark.parametrize("kind", PROXY_KINDS)
+def test_gateway_enforces_policies_selecting_it(kind, mizzen_bin, envoy_bin, tmp_path):
+    """An ingress gateway (Envoy or native router) with a RequestAuthentication and
+    AuthorizationPolicies in the root namespace selecting ``istio: ingressgateway``, as Istio
+    users protect ingress."""
     from lib.router import router_mesh
+    jwt = kind == "envoy" or NATIVE_JWT
     iss = "https://gw-issuer.mizzen.test"
     signer, stranger = Signer("g1"), Signer("g1")
     jwks = JwksServer()
     jwks.serve(signer)
-    policy = f"""
+    request_authn = f"""
 apiVersion: security.istio.io/v1
 kind: RequestAuthentication
 metadata: {{name: gw-jwt, namespace: istio-system}}
 spec:
   selector: {{matchLabels: {{istio: ingressgateway}}}}
   jwtRules: [{{issuer: "{iss}", jwksUri: "{jwks.uri}"}}]
----
+---"""
+    policy = (request_authn if jwt else "") + f"""
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {{name: gw-deny, namespace: istio-system}}
@@ -622,7 +652,7 @@ spec:
   - from: [{{source: {{requestPrincipals: ["{iss}/*"]}}}}]
 """
     try:
-        with router_mesh("envoy", "delta", mizzen_bin, envoy_bin, tmp_path,
+        with router_mesh(kind, "delta", mizzen_bin, envoy_bin, tmp_path,
                          extra_files={"gw-authz.yaml": policy}) as rm:
             token = {"authorization": "Bearer " + signer.token(iss=iss, sub="u1")}
             bad = {"authorization": "Bearer " + stranger.token(iss=iss, sub="u1")}
@@ -634,9 +664,14 @@ spec:
             assert status("split.example.com", "/")[0] == 200
             assert status("split.example.com", "/blocked") == (403, DENIED_BODY)
             assert status("match.example.com", "/") == (403, DENIED_BODY)  # no principal
-            assert status("match.example.com", "/", token)[0] not in (401, 403)
-            assert status("match.example.com", "/blocked", token) == (403, DENIED_BODY)
-            assert status("split.example.com", "/", bad)[0] == 401
+            # hosts match the authority in any case and with a port (whatever routing does then).
+            assert status("SPLIT.example.com:80", "/")[0] != 403
+            if jwt:
+                assert status("match.example.com", "/", token)[0] not in (401, 403)
+                assert status("match.example.com", "/blocked", token) == (403, DENIED_BODY)
+                assert status("split.example.com", "/", bad)[0] == 401
+            else:
+                assert status("match.example.com", "/", token) == (403, DENIED_BODY)
             rm.assert_no_rejections()
     finally:
         jwks.stop()

@@ -2,7 +2,9 @@
 //!
 //! - admin on 127.0.0.1:ADMIN (15000): `/config_dump` (the snapshot in Envoy's dump shape,
 //!   summarized), `/clusters`, `/stats` (text, or `?format=json`), `/ready`,
-//!   `/quitquitquit` (drain and exit);
+//!   `/quitquitquit` (drain and exit), `/logging` (Envoy's: list the loggers and their
+//!   levels; POST `?level=L` sets them all, `?<logger>=L` one, through the binary's
+//!   [`LogControl`]);
 //! - status on STATUS (15021): `/healthz/ready`, 200 only once the first complete config
 //!   (CDS, LDS and the EDS/RDS they reference) has arrived;
 //! - Prometheus on STATS (15090): `/stats/prometheus`.
@@ -29,6 +31,25 @@ enum Port {
     Stats,
 }
 
+/// Run-time log levels, as the binary's subscriber implements them (the library does not own
+/// the subscriber). Loggers are named parts of the proxy (`http`, `cluster`, `xds` ...).
+pub trait LogControl: Send + Sync + std::fmt::Debug {
+    /// Every logger and its level, sorted by name.
+    fn levels(&self) -> Vec<(String, String)>;
+    /// Set one logger's level, or every logger's (`None`).
+    fn set(&self, logger: Option<&str>, level: &str) -> Result<(), LogError>;
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LogError {
+    #[error("unknown logger {0:?}")]
+    UnknownLogger(String),
+    #[error("unknown level {0:?} (trace, debug, info, warning, error, critical, off)")]
+    UnknownLevel(String),
+    #[error("applying the new levels: {0}")]
+    Apply(String),
+}
+
 /// Bind the three ports (failing fast if one is taken) and serve them in the background.
 pub async fn serve(shared: &Arc<Shared>, opts: &ProxyOptions) -> Result<(), ProxyError> {
     let ports = [
@@ -53,21 +74,33 @@ pub async fn serve(shared: &Arc<Shared>, opts: &ProxyOptions) -> Result<(), Prox
             .await
             .map_err(|source| ProxyError::Bind { what, addr, source })?;
         info!(port = what, %addr, "serving");
-        tokio::spawn(accept(shared.clone(), port, sock));
+        tokio::spawn(accept(
+            shared.clone(),
+            port,
+            sock,
+            opts.log_control.clone(),
+        ));
     }
     Ok(())
 }
 
-async fn accept(shared: Arc<Shared>, port: Port, sock: TcpListener) {
+async fn accept(
+    shared: Arc<Shared>,
+    port: Port,
+    sock: TcpListener,
+    logs: Option<Arc<dyn LogControl>>,
+) {
     loop {
         let Ok((stream, _)) = sock.accept().await else {
             continue;
         };
         let shared = shared.clone();
+        let logs = logs.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, port, req)) }
+                let logs = logs.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, port, req, logs.as_deref())) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -92,7 +125,12 @@ fn reply(
     r
 }
 
-fn handle(shared: &Shared, port: Port, req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn handle(
+    shared: &Shared,
+    port: Port,
+    req: Request<Incoming>,
+    logs: Option<&dyn LogControl>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let json_format = req.uri().query().is_some_and(|q| q.contains("format=json"));
     match (port, path) {
@@ -135,6 +173,14 @@ fn handle(shared: &Shared, port: Port, req: Request<Incoming>) -> Response<Full<
                 reply(StatusCode::OK, "text/plain", text)
             }
         }
+        (Port::Admin, "/logging") => {
+            let (status, text) = logging(
+                logs,
+                req.method() == http::Method::POST,
+                req.uri().query().unwrap_or(""),
+            );
+            reply(status, "text/plain", text)
+        }
         (Port::Admin, "/quitquitquit") => {
             shared.shutdown();
             reply(StatusCode::OK, "text/plain", "OK\n")
@@ -144,10 +190,45 @@ fn handle(shared: &Shared, port: Port, req: Request<Incoming>) -> Response<Full<
 }
 
 /// Counters named like Envoy's where an Envoy user would look for them.
+/// Envoy's `/logging`: without parameters the loggers and their levels; changes only by POST
+/// (a GET that would change state gets 405, as Envoy's mutating endpoints do). Unknown
+/// loggers or levels get 404 with the reason, changing nothing.
+fn logging(logs: Option<&dyn LogControl>, post: bool, query: &str) -> (StatusCode, String) {
+    let Some(logs) = logs else {
+        return (
+            StatusCode::NOT_FOUND,
+            "run-time log levels are not available in this process\n".into(),
+        );
+    };
+    let params: Vec<(&str, &str)> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .collect();
+    if !params.is_empty() && !post {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "This command needs to be sent as a POST\n".into(),
+        );
+    }
+    for (k, v) in params {
+        let logger = (k != "level").then_some(k);
+        if let Err(e) = logs.set(logger, v) {
+            return (StatusCode::NOT_FOUND, format!("error: {e}\n"));
+        }
+        info!(logger = logger.unwrap_or("*"), level = v, "log level changed");
+    }
+    let mut text = String::from("active loggers:\n");
+    for (name, level) in logs.levels() {
+        text.push_str(&format!("  {name}: {level}\n"));
+    }
+    (StatusCode::OK, text)
+}
+
 fn stats(shared: &Shared) -> Vec<(String, u64)> {
     let r = &shared.rejected;
     let snap = shared.snapshot();
-    vec![
+    let mut out = vec![
         (
             "cluster_manager.cds.update_rejected".into(),
             r.cds.load(Ordering::Relaxed),
@@ -178,7 +259,10 @@ fn stats(shared: &Shared) -> Vec<(String, u64)> {
         ),
         ("mizzen.xds.responses".into(), shared.xds_responses()),
         ("server.state".into(), if shared.is_ready() { 0 } else { 2 }),
-    ]
+    ];
+    // AuthorizationPolicy (RBAC filter) counters, named as Envoy names them.
+    out.extend(crate::rbac::stats());
+    out
 }
 
 fn clusters(shared: &Shared) -> String {
@@ -310,4 +394,51 @@ fn config_dump(shared: &Shared) -> Value {
         ],
         "mizzen": {"ready": shared.is_ready(), "xds_connected": shared.xds_connected()},
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records what `/logging` asks for; the real control is the binary's reload handle.
+    #[derive(Debug, Default)]
+    struct Levels(Mutex<Vec<(String, String)>>);
+
+    impl LogControl for Levels {
+        fn levels(&self) -> Vec<(String, String)> {
+            self.0.lock().map(|l| l.clone()).unwrap_or_default()
+        }
+        fn set(&self, logger: Option<&str>, level: &str) -> Result<(), LogError> {
+            if level != "debug" && level != "info" {
+                return Err(LogError::UnknownLevel(level.into()));
+            }
+            let mut l = self.0.lock().map_err(|e| LogError::Apply(e.to_string()))?;
+            for (name, lvl) in l.iter_mut() {
+                if logger.is_none_or(|x| x == name) {
+                    *lvl = level.into();
+                }
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn logging_lists_changes_by_post_and_rejects_bad_input() {
+        let l = Levels(Mutex::new(vec![
+            ("http".into(), "info".into()),
+            ("xds".into(), "info".into()),
+        ]));
+        let (s, t) = logging(Some(&l), false, "");
+        assert_eq!((s, t.as_str()), (StatusCode::OK, "active loggers:\n  http: info\n  xds: info\n"));
+        assert_eq!(logging(Some(&l), false, "http=debug").0, StatusCode::METHOD_NOT_ALLOWED);
+        let (s, t) = logging(Some(&l), true, "http=debug");
+        assert_eq!(s, StatusCode::OK);
+        assert!(t.contains("http: debug") && t.contains("xds: info"), "{t}");
+        let (s, t) = logging(Some(&l), true, "level=loud");
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert!(t.contains("loud"), "{t}");
+        assert!(logging(Some(&l), true, "level=debug").1.contains("xds: debug"));
+        assert_eq!(logging(None, false, "").0, StatusCode::NOT_FOUND);
+    }
 }

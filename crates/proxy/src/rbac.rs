@@ -550,3 +550,6 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
