@@ -507,8 +507,6 @@ spec:
 
 
 def test_jwt_request_authentication(m):
-    if m.kind == "native":
-        pytest.skip("jwt_authn: engineer B")
     a = m.src_a
     iss = "https://issuer.mizzen.test"
     k1, k2, stranger = Signer("k1"), Signer("k2"), Signer("k1")
@@ -609,18 +607,12 @@ spec:
     m.rejected()
 
 
-# Until the native proxy verifies tokens, its gateway runs the policies without the
-# RequestAuthentication (a request principal then never matches, as Istio has it).
-NATIVE_JWT = False  # jwt_authn: engineer B
-
-
 @pytest.mark.parametrize("kind", PROXY_KINDS)
 def test_gateway_enforces_policies_selecting_it(kind, mizzen_bin, envoy_bin, tmp_path):
     """An ingress gateway (Envoy or native router) with a RequestAuthentication and
     AuthorizationPolicies in the root namespace selecting ``istio: ingressgateway``, as Istio
     users protect ingress."""
     from lib.router import router_mesh
-    jwt = kind == "envoy" or NATIVE_JWT
     iss = "https://gw-issuer.mizzen.test"
     signer, stranger = Signer("g1"), Signer("g1")
     jwks = JwksServer()
@@ -633,7 +625,7 @@ spec:
   selector: {{matchLabels: {{istio: ingressgateway}}}}
   jwtRules: [{{issuer: "{iss}", jwksUri: "{jwks.uri}"}}]
 ---"""
-    policy = (request_authn if jwt else "") + f"""
+    policy = request_authn + f"""
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {{name: gw-deny, namespace: istio-system}}
@@ -666,12 +658,9 @@ spec:
             assert status("match.example.com", "/") == (403, DENIED_BODY)  # no principal
             # hosts match the authority in any case and with a port (whatever routing does then).
             assert status("SPLIT.example.com:80", "/")[0] != 403
-            if jwt:
-                assert status("match.example.com", "/", token)[0] not in (401, 403)
-                assert status("match.example.com", "/blocked", token) == (403, DENIED_BODY)
-                assert status("split.example.com", "/", bad)[0] == 401
-            else:
-                assert status("match.example.com", "/", token) == (403, DENIED_BODY)
+            assert status("match.example.com", "/", token)[0] not in (401, 403)
+            assert status("match.example.com", "/blocked", token) == (403, DENIED_BODY)
+            assert status("split.example.com", "/", bad)[0] == 401
             rm.assert_no_rejections()
     finally:
         jwks.stop()
