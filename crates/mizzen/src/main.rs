@@ -2,6 +2,7 @@
 //! line and hands off to the library crates; each subcommand lives in `cmd/`.
 
 mod cmd;
+mod logs;
 
 use clap::{Parser, Subcommand};
 
@@ -39,18 +40,10 @@ enum Command {
     Version,
 }
 
-fn init_tracing(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log_level);
+    logs::init(&cli.log_level);
     let result = match cli.command {
         Command::Pilot(a) => cmd::pilot::run(a),
         Command::Proxy(a) => cmd::proxy::run(a),

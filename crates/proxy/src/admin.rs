@@ -74,12 +74,7 @@ pub async fn serve(shared: &Arc<Shared>, opts: &ProxyOptions) -> Result<(), Prox
             .await
             .map_err(|source| ProxyError::Bind { what, addr, source })?;
         info!(port = what, %addr, "serving");
-        tokio::spawn(accept(
-            shared.clone(),
-            port,
-            sock,
-            opts.log_control.clone(),
-        ));
+        tokio::spawn(accept(shared.clone(), port, sock, opts.log_control.clone()));
     }
     Ok(())
 }
@@ -216,7 +211,11 @@ fn logging(logs: Option<&dyn LogControl>, post: bool, query: &str) -> (StatusCod
         if let Err(e) = logs.set(logger, v) {
             return (StatusCode::NOT_FOUND, format!("error: {e}\n"));
         }
-        info!(logger = logger.unwrap_or("*"), level = v, "log level changed");
+        info!(
+            logger = logger.unwrap_or("*"),
+            level = v,
+            "log level changed"
+        );
     }
     let mut text = String::from("active loggers:\n");
     for (name, level) in logs.levels() {
@@ -430,15 +429,26 @@ mod tests {
             ("xds".into(), "info".into()),
         ]));
         let (s, t) = logging(Some(&l), false, "");
-        assert_eq!((s, t.as_str()), (StatusCode::OK, "active loggers:\n  http: info\n  xds: info\n"));
-        assert_eq!(logging(Some(&l), false, "http=debug").0, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            (s, t.as_str()),
+            (
+                StatusCode::OK,
+                "active loggers:\n  http: info\n  xds: info\n"
+            )
+        );
+        assert_eq!(
+            logging(Some(&l), false, "http=debug").0,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
         let (s, t) = logging(Some(&l), true, "http=debug");
         assert_eq!(s, StatusCode::OK);
         assert!(t.contains("http: debug") && t.contains("xds: info"), "{t}");
         let (s, t) = logging(Some(&l), true, "level=loud");
         assert_eq!(s, StatusCode::NOT_FOUND);
         assert!(t.contains("loud"), "{t}");
-        assert!(logging(Some(&l), true, "level=debug").1.contains("xds: debug"));
+        assert!(logging(Some(&l), true, "level=debug")
+            .1
+            .contains("xds: debug"));
         assert_eq!(logging(None, false, "").0, StatusCode::NOT_FOUND);
     }
 }

@@ -13,6 +13,11 @@
 //! - [`jwt`]: `envoy.filters.http.jwt_authn` in the HTTP filter chain (RequestAuthentication):
 //!   tokens verified with Envoy's answers (401/403 texts, `www-authenticate`); verified payloads
 //!   go into the request's dynamic metadata, where RBAC matches request principals and claims.
+//! - [`rbac`]: AuthorizationPolicy as Envoy's RBAC filters: `envoy.filters.http.rbac` in the
+//!   HTTP filter chain (403 `RBAC: access denied`), `envoy.filters.network.rbac` decided once
+//!   per connection before tcp_proxy (a denied connection is closed); ALLOW/DENY/LOG, shadow
+//!   (dry-run) rules, counters in `/stats`. HTTP requests on a kept-alive connection run the
+//!   filters of the current listener config, where Envoy would drain the connection.
 //! - [`cluster`]: load balancing over the cluster's endpoints (consistent hashing in
 //!   [`hash`]), and each endpoint's transport
 //!   (auto mTLS by `tlsMode`, DestinationRule TLS) originated by [`tls`].
@@ -34,7 +39,9 @@
 //! the HCM's `upgrade_configs` (read nowhere: every `Upgrade` is tunnelled, the pilot always
 //! allows websocket), HTTP/2 upstream `:authority` to hostname (STRICT_DNS) endpoints,
 //! request trailers on a retry, closing HTTP/2 upstream connections to endpoints that left
-//! EDS, keeping upgraded (WebSocket) tunnels open through the drain time, route matching on JWT
+//! EDS, keeping upgraded (WebSocket) tunnels open through the drain time, closing open TCP
+//! connections that a new network RBAC policy would deny (decided at accept only), the RBAC
+//! features listed in [`rbac`] (CEL conditions, the matcher API, ...), route matching on JWT
 //! claims (a route match's `dynamic_metadata`: VirtualService `@request.auth.claims`), jwt_authn's
 //! remote JWKS and the rest listed in [`jwt`], `httpsRedirect`, IP_TRANSPARENT (TPROXY), 127.0.0.6 as the
 //! inbound source, source_* / destination_workload
@@ -97,6 +104,8 @@ pub struct ProxyOptions {
     /// Workload certificate from the pilot's CA (SDS `default` / `ROOTCA` in TLS contexts);
     /// `None`: no identity, and TLS contexts that need it fail their handshakes.
     pub identity: Option<mizzen_agent::identity_cert::CertOptions>,
+    /// The binary's run-time log levels, for the admin port's `/logging`.
+    pub log_control: Option<Arc<dyn admin::LogControl>>,
 }
 
 /// State shared by every task: the current snapshot, readiness, xDS status, metrics and the

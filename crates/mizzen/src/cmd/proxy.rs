@@ -264,6 +264,7 @@ fn run_native(args: ProxyArgs) -> anyhow::Result<u8> {
             ProxyType::Router => "router",
         },
         identity: identity_cert,
+        log_control: crate::logs::control(),
     };
     // One worker (Envoy's `--concurrency 1`): a current-thread runtime drives I/O and tasks on
     // one thread, without the multi-thread scheduler's wake-ups (-10% CPU per request at a
