@@ -40,7 +40,6 @@ enum Command {
     Version,
 }
 
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logs::init(&cli.log_level);
