@@ -211,7 +211,7 @@ impl Entry<'_> {
                 opt(out, self.upstream_host);
                 Ok(())
             }
-            "UPSTREAM_CLUSTER" => {
+            "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => {
                 opt(out, self.upstream_cluster);
                 Ok(())
             }
