@@ -23,9 +23,11 @@
 //!   (auto mTLS by `tlsMode`, DestinationRule TLS) originated by [`tls`].
 //! - [`secrets`]: the workload certificate from the pilot's CA (SDS `default` / `ROOTCA`),
 //!   rotated in-process.
-//! - [`admin`] + [`metrics`]: the admin port, `/healthz/ready` and `/stats/prometheus`;
-//!   [`access_log`]: the pilot's access-log format, one line per HTTP request (TCP proxies'
-//!   access logs are accepted and not written yet).
+//! - [`admin`] + [`metrics`]: the admin port, `/healthz/ready` and `/stats/prometheus`
+//!   (Istio's HTTP and TCP metrics with both workloads' labels, learnt by Istio's metadata
+//!   exchange headers and the endpoints' EDS metadata);
+//!   [`access_log`]: the pilot's access-log format, one line per HTTP request or TCP
+//!   connection.
 //!
 //! The request path reads config only through `ArcSwap::load`; nothing on it takes a lock.
 //!
@@ -44,8 +46,11 @@
 //! features listed in [`rbac`] (CEL conditions, the matcher API, ...), route matching on JWT
 //! claims (a route match's `dynamic_metadata`: VirtualService `@request.auth.claims`), jwt_authn's
 //! remote JWKS and the rest listed in [`jwt`], `httpsRedirect`, IP_TRANSPARENT (TPROXY), 127.0.0.6 as the
-//! inbound source, source_* / destination_workload
-//! metric labels, TCP metrics, `/logging`.
+//! inbound source, `/logging`, TCP metadata exchange (an inbound TCP connection's
+//! `source_workload` is unknown), an inbound request's `destination_service` from the inbound
+//! cluster's service metadata (taken from its authority instead), TCP byte counts while a
+//! connection is open, `grpc_response_status` from trailers, body sizes without
+//! `content-length` (see [`metrics`]).
 
 pub mod access_log;
 pub mod admin;
