@@ -353,6 +353,7 @@ fn config_dump(shared: &Shared) -> Value {
                 "name": l.name,
                 "address": {"socket_address": {"address": l.address.ip().to_string(), "port_value": l.address.port()}},
                 "bind_to_port": l.bind_to_port, "use_original_dst": l.use_original_dst,
+                "transparent": l.transparent,
                 "filter_chains": chains,
             }}})
         })

@@ -32,6 +32,7 @@ pub const VIRTUAL_INBOUND: &str = "virtualInbound";
 
 struct Bound {
     address: SocketAddr,
+    transparent: bool,
     task: JoinHandle<()>,
 }
 
@@ -76,7 +77,7 @@ impl Manager {
         self.bound.retain(|name, b| {
             let keep = wanted
                 .get(name.as_str())
-                .is_some_and(|l| l.address == b.address);
+                .is_some_and(|l| l.address == b.address && l.transparent == b.transparent);
             if !keep {
                 info!(listener = %name, address = %b.address, "listener removed");
                 b.task.abort();
@@ -87,15 +88,21 @@ impl Manager {
             if self.bound.contains_key(name) {
                 continue;
             }
-            match TcpListener::bind(l.address).await {
+            let bound = if l.transparent {
+                bind_transparent(l.address)
+            } else {
+                TcpListener::bind(l.address).await
+            };
+            match bound {
                 Ok(sock) => {
-                    info!(listener = %name, address = %l.address, "listening");
+                    info!(listener = %name, address = %l.address, transparent = l.transparent, "listening");
                     let task =
                         tokio::spawn(accept_loop(self.shared.clone(), name.to_string(), sock));
                     self.bound.insert(
                         name.to_string(),
                         Bound {
                             address: l.address,
+                            transparent: l.transparent,
                             task,
                         },
                     );
@@ -240,7 +247,25 @@ async fn connection(shared: Arc<Shared>, name: String, stream: TcpStream, peer: 
     }
 }
 
-/// SO_ORIGINAL_DST (IPv4): where the client meant to go before iptables redirected it.
+/// A listening socket with IP_TRANSPARENT (TPROXY capture; needs CAP_NET_ADMIN, as Istio's
+/// TPROXY sidecar has), set before bind as Envoy's `transparent` does.
+fn bind_transparent(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    // IP_TRANSPARENT marks the inet socket itself, so it serves IPv6 sockets too.
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::IpTransparent, &true)
+        .map_err(std::io::Error::from)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
+}
+
+/// SO_ORIGINAL_DST (IPv4): where the client meant to go before iptables redirected it. A
+/// TPROXY'd connection was not rewritten, so there (no NAT: the lookup fails or returns the
+/// same address) the accepted socket's local address is the original destination.
 fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let sin = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::OriginalDst).ok()?;
     let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));

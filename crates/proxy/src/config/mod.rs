@@ -40,6 +40,9 @@ pub struct Listener {
     /// The `original_dst` listener filter (`virtualInbound`): filter chains match, and
     /// ORIGINAL_DST clusters connect to, the destination before the REDIRECT, not 15006.
     pub original_dst_filter: bool,
+    /// `transparent` (TPROXY capture): bound with IP_TRANSPARENT so it accepts connections
+    /// addressed to any IP; such a connection's local address is its original destination.
+    pub transparent: bool,
     pub filter_chains: Vec<FilterChain>,
     pub default_chain: Option<FilterChain>,
 }

@@ -4,8 +4,8 @@
 //! the proxy does, and that we do not implement, fails the conversion with a message naming
 //! the resource and the field. The xDS client turns that into a NACK of that one resource, so
 //! the operator sees exactly what to change and the last good version keeps serving.
-//! Fields that only tune things we do not model yet (stat prefixes, access logs, circuit
-//! breaker thresholds Istio sets to "unlimited") are accepted.
+//! Fields that only tune things we do not model yet (stat prefixes, HIGH-priority circuit
+//! breaker thresholds) are accepted.
 
 use super::*;
 use envoy_types::pb::envoy::config::cluster::v3 as cv3;
@@ -157,6 +157,7 @@ fn listener(l: &lv3::Listener) -> FResult<Listener> {
             .listener_filters
             .iter()
             .any(|f| f.name == "envoy.filters.listener.original_dst"),
+        transparent: l.transparent.as_ref().is_some_and(|b| b.value),
         filter_chains,
         default_chain,
     })

@@ -361,8 +361,15 @@ struct WildcardPort {
 fn sidecar(proxy: &Proxy, push: &PushContext) -> Vec<Listener> {
     let fallback = passthrough_target(proxy, push);
     // AuthorizationPolicy / RequestAuthentication filters go into every inbound chain.
-    let inbound = super::rbac::with_inbound_authz(virtual_inbound(proxy, push), proxy, push);
-    let mut out = vec![virtual_outbound(&fallback), inbound];
+    let mut inbound = super::rbac::with_inbound_authz(virtual_inbound(proxy, push), proxy, push);
+    let mut outbound = virtual_outbound(&fallback);
+    // TPROXY capture (node metadata INTERCEPTION_MODE, as istiod reads it): the capture
+    // listeners accept connections addressed to other hosts, so they bind IP_TRANSPARENT.
+    if proxy.metadata.get("INTERCEPTION_MODE").map(String::as_str) == Some("TPROXY") {
+        inbound.transparent = bool_value(true);
+        outbound.transparent = bool_value(true);
+    }
+    let mut out = vec![outbound, inbound];
     let mut wildcard: BTreeMap<u16, WildcardPort> = BTreeMap::new();
     let mut vip_listeners: BTreeMap<String, Listener> = BTreeMap::new();
     for svc in push.services.values() {
