@@ -11,6 +11,7 @@ PERMISSIVE mode) has no peer identity at all.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -160,5 +161,12 @@ def test_principals_and_namespaces_over_mtls(mesh):
         wait_until(matrix, 25, interval=0.5, what="identity-based authorization matrix")
     except AssertionError as e:
         raise AssertionError(f"{e}\nlast answers: {last}") from None
+    # The server side's access log says why (Envoy: no response flag, the details name the
+    # deciding DENY policy, or `none` when no ALLOW policy matched).
+    log = m.proxies["httpbin"].proc
+    want = [r'"GET /sleep-only/denied HTTP/1.1" 403 - rbac_access_denied_matched_policy\[ns\[default\]-policy\[deny-sleep\]-rule\[0\]\] ',
+            r'"GET /ns-other HTTP/1.1" 403 - rbac_access_denied_matched_policy\[none\] ']
+    wait_until(lambda: all(re.search(w, log.log_text()) for w in want) or None, 10, interval=0.3,
+               what="RBAC denials in the server sidecar's access log", proc=log)
     rejected_none(m)
     m.pilot.delete("authz-identity.yaml")

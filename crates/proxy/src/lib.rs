@@ -37,11 +37,13 @@
 //! pinning, OCSP, session ticket keys, `Cert`/`Chain` in `x-forwarded-client-cert`, TLS
 //! 1.0/1.1, cipher/curve lists (accepted: rustls' fixed modern set), presenting the workload
 //! certificate on the xDS connection (the pilot does not ask for it), priorities and locality weighting,
-//! circuit-breaker thresholds and connection-pool limits (accepted, not enforced),
+//! circuit breakers on TCP proxy clusters and HIGH-priority thresholds, `max_connections`,
+//! `max_pending_requests` and `max_requests_per_connection` on the pools that are not ours
+//! (HTTP/1 to STRICT_DNS hostnames or over TLS contexts that offer h2; HTTP/2: one connection
+//! per endpoint, only `max_requests` applies),
 //! the HCM's `upgrade_configs` (read nowhere: every `Upgrade` is tunnelled, the pilot always
 //! allows websocket), HTTP/2 upstream `:authority` to hostname (STRICT_DNS) endpoints,
-//! request trailers on a retry, closing HTTP/2 upstream connections to endpoints that left
-//! EDS, keeping upgraded (WebSocket) tunnels open through the drain time, closing open TCP
+//! request trailers on a retry, keeping upgraded (WebSocket) tunnels open through the drain time, closing open TCP
 //! connections that a new network RBAC policy would deny (decided at accept only), the RBAC
 //! features listed in [`rbac`] (CEL conditions, the matcher API, ...), route matching on JWT
 //! claims (a route match's `dynamic_metadata`: VirtualService `@request.auth.claims`), jwt_authn's
@@ -162,6 +164,8 @@ impl Shared {
     /// Install a new snapshot and wake the listener manager. Readiness is sticky: once the
     /// first complete config arrived we keep serving, even if later updates are partial.
     pub fn publish(&self, snapshot: Snapshot, complete: bool) {
+        // Pooled connections to endpoints that left the config close (Envoy drains them).
+        self.clients.forget_departed(&snapshot);
         self.snapshot.store(Arc::new(snapshot));
         self.xds_responses.fetch_add(1, Ordering::Relaxed);
         if complete && !self.ready.swap(true, Ordering::SeqCst) {

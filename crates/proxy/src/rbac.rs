@@ -19,8 +19,14 @@
 //!   headers (with `:method`, `:path`, `:authority`), the path without its query (`url_path`)
 //!   and jwt_authn's dynamic metadata (`metadata` / `sourced_metadata`, DYNAMIC).
 //! - HTTP denial: 403 `RBAC: access denied` with response code details
-//!   `rbac_access_denied_matched_policy[NAME|none]` (Envoy sets no response flag for it);
-//!   TCP denial: the connection is closed before any upstream is contacted.
+//!   `rbac_access_denied_matched_policy[NAME|none]` (Envoy sets no response flag for it; the
+//!   e2e test reads both proxies' access logs); TCP denial: the connection is closed before
+//!   any upstream is contacted. Envoy decides on the connection's first byte, after
+//!   tcp_proxy has connected upstream (a server-first protocol's greeting reaches a client
+//!   that is then denied); we decide at accept, from the same facts, which never leaks it.
+//! - Where: [`crate::http`] runs the HTTP filter in the HCM's filter order (after jwt_authn,
+//!   whose payloads it reads), re-reading the connection's HCM from the current snapshot per
+//!   request; [`crate::listener`] runs the network filters after TLS termination.
 //! - Counters under Envoy's names (`http.<prefix>.rbac.allowed`, `...denied`,
 //!   `...shadow_allowed`, `...shadow_denied`, per-policy ones with `track_per_rule_stats`,
 //!   `<stat_prefix>rbac.*` for the network filter) are shown by the admin `/stats`. Handles
