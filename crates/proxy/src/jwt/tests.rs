@@ -707,3 +707,98 @@ fn the_pilots_placeholder_key_refuses_every_token() {
     let rej = denied(f.on_request(&mut req("/", &[("authorization", &bearer(&tok))]), NOW));
     assert_eq!(rej.body, "Jwt verification fails");
 }
+
+/// A listener as the pilot sends it: HCM with jwt_authn before the router.
+fn listener_with(
+    jwt: &jwtv3::JwtAuthentication,
+) -> envoy_types::pb::envoy::config::listener::v3::Listener {
+    use envoy_types::pb::envoy::config::listener::v3 as lv3;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+    use envoy_types::pb::google::protobuf::Any;
+    use prost::{Message, Name};
+    let any = |type_url: String, value: Vec<u8>| Any { type_url, value };
+    let filter = |name: &str, cfg: Option<Any>| hcm::HttpFilter {
+        name: name.into(),
+        config_type: cfg.map(hcm::http_filter::ConfigType::TypedConfig),
+        ..Default::default()
+    };
+    let router = envoy_types::pb::envoy::extensions::filters::http::router::v3::Router::default();
+    let h = hcm::HttpConnectionManager {
+        stat_prefix: "inbound_0.0.0.0_8080".into(),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+            hcm::Rds {
+                route_config_name: "8080".into(),
+                ..Default::default()
+            },
+        )),
+        http_filters: vec![
+            filter(
+                JWT_AUTHN,
+                Some(any(
+                    jwtv3::JwtAuthentication::type_url(),
+                    jwt.encode_to_vec(),
+                )),
+            ),
+            filter(
+                "envoy.filters.http.router",
+                Some(any(
+                    envoy_types::pb::envoy::extensions::filters::http::router::v3::Router::type_url(
+                    ),
+                    router.encode_to_vec(),
+                )),
+            ),
+        ],
+        ..Default::default()
+    };
+    lv3::Listener {
+        name: "0.0.0.0_8080".into(),
+        address: Some(core::Address {
+            address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                address: "0.0.0.0".into(),
+                port_specifier: Some(core::socket_address::PortSpecifier::PortValue(8080)),
+                ..Default::default()
+            })),
+        }),
+        filter_chains: vec![lv3::FilterChain {
+            filters: vec![lv3::Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(lv3::filter::ConfigType::TypedConfig(any(
+                    hcm::HttpConnectionManager::type_url(),
+                    h.encode_to_vec(),
+                ))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_listener_carries_the_filter_and_a_bad_one_is_nacked_with_its_full_path() {
+    use crate::config::{HttpFilter, Listener, NetworkFilter};
+    let k = rsa("a");
+    let good = istio(vec![provider(ISS, jwks(&[k.jwk("k1")]))]);
+    let l = Listener::try_from(&listener_with(&good)).expect("listener converts");
+    let chain = l.filter_chains.first().expect("one chain");
+    let NetworkFilter::Http(h) = &chain.filter else {
+        panic!("not an HCM: {:?}", chain.filter);
+    };
+    assert!(matches!(
+        h.http_filters.first(),
+        Some(HttpFilter::JwtAuthn(_))
+    ));
+
+    let mut p = provider(ISS, jwks(&[k.jwk("k1")]));
+    p.jwks_source_specifier = Some(jwtv3::jwt_provider::JwksSourceSpecifier::RemoteJwks(
+        Default::default(),
+    ));
+    let e = Listener::try_from(&listener_with(&istio(vec![p])))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("listener 0.0.0.0_8080"), "{e}");
+    assert!(
+        e.contains("http_filters[0].typed_config.providers[origins-0].remote_jwks"),
+        "{e}"
+    );
+}
