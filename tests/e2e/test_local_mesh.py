@@ -367,6 +367,11 @@ def destination_requests(m: Mesh, pod: str) -> int:
     return total
 
 
+def prom_lines(m: Mesh, pod: str, *want: str) -> list[str]:
+    text = m.in_netns(pod, "curl", "-s", "-m", "5", "http://127.0.0.1:15090/stats/prometheus").stdout
+    return [ln for ln in text.splitlines() if ln.startswith("istio_requests_total{") and all(w in ln for w in want)]
+
+
 def test_native_sidecars_split_and_count_with_reporter_destination(mizzen_bin, envoy_bin):
     """helloworld with `--proxy native`: the Rust sidecars route the 90/10 split, answer the
     2 s timeout, and the destination sidecars count inbound requests in Istio's metric with
@@ -387,6 +392,14 @@ def test_native_sidecars_split_and_count_with_reporter_destination(mizzen_bin, e
         assert_xds_over_tls(m, "tool-0")
         # The tool pod's own sidecar reports nothing as destination: it only sent.
         assert destination_requests(m, "tool-0") == 0
+        # Both ends know both workloads (Istio's metadata exchange between the sidecars, in mTLS).
+        tool = ('source_workload="tool"', 'source_app="tool"', 'source_workload_namespace="default"')
+        for pod, version in (("helloworld-v1-0", "1"), ("helloworld-v2-0", "2")):
+            hw = ('destination_app="helloworld"', f'destination_version="{version}"',
+                  'destination_service="helloworldsvc.default.svc.cluster.local"')
+            assert prom_lines(m, pod, 'reporter="destination"', *tool, *hw,
+                              'connection_security_policy="mutual_tls"'), "\n".join(prom_lines(m, pod))
+            assert prom_lines(m, "tool-0", 'reporter="source"', *tool, *hw), "\n".join(prom_lines(m, "tool-0"))
         code, took = m.exec("tool", "curl", "-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code} %{time_total}",
                             "helloworldsvc:8080/HelloWorld/delay.jsp", timeout=30).stdout.split()
         assert code == "504" and 1.8 <= float(took) < 4.0, (code, took)
