@@ -29,6 +29,19 @@ from test_mtls import (APP_PORT, HERE, HTTPBIN_VIP, PROXY_UID, Mesh, SecureMeshP
                        inbound_rules, make_certs, mesh_config)
 
 PROXY_KINDS = ("envoy", "native")
+ECHO_VIP = "10.96.0.30"
+ECHO_PORT = 9009
+
+# A TCP service on httpbin's pod (Istio's tcp-echo), for network RBAC on peer identities.
+ECHO_SERVICE = f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: default}}
+spec:
+  clusterIP: {ECHO_VIP}
+  selector: {{app: httpbin}}
+  ports: [{{name: tcp-echo, port: 9000, targetPort: {ECHO_PORT}}}]
+"""
 
 DENIED = "RBAC: access denied"
 
@@ -88,7 +101,13 @@ def mesh(request, mizzen_bin, envoy_bin):
                                  "--name", "httpbin", "--host", "0.0.0.0", "--port", str(APP_PORT)],
                      base / "httpbin.log")
         m.procs.append(m.app)
+        m.procs.append(Proc("echo", ["ip", "netns", "exec", m.b.name, str(mizzen_bin), "sample-app",
+                                     "--listen-address", "0.0.0.0", "--tcp-echo-port", str(ECHO_PORT)],
+                            base / "echo.log"))
+        m.pilot.write("echo.yaml", ECHO_SERVICE)
         apply_in_netns(m.b, inbound_rules(APP_PORT))
+        m.b.exec(["iptables", "-t", "nat", "-A", "ISTIO_INBOUND", "-p", "tcp", "--dport", str(ECHO_PORT),
+                  "-j", "ISTIO_IN_REDIRECT"])
         apply_in_netns(m.a, istio_outbound_redirect_rules(15001, 15006, PROXY_UID, PROXY_UID))
         mizzen = exec_as(PROXY_UID, mizzen_bin, base)
         envoy = exec_as(PROXY_UID, Path(resolve_envoy_elf(str(envoy_bin))), base) if kind == "envoy" else None
@@ -170,3 +189,71 @@ def test_principals_and_namespaces_over_mtls(mesh):
                what="RBAC denials in the server sidecar's access log", proc=log)
     rejected_none(m)
     m.pilot.delete("authz-identity.yaml")
+
+
+ECHO_CLIENT = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+try:
+    s.sendall(b"ping\n")
+    print(s.recv(100).decode(errors="replace").strip() or "CLOSED")
+except (ConnectionResetError, BrokenPipeError, socket.timeout):
+    print("CLOSED")
+"""
+
+
+def echo_from(m, ns, host: str, port: int) -> str:
+    """One TCP echo exchange from ``ns`` (captured to its sidecar when it has one): the answer,
+    or CLOSED."""
+    cp = ns.exec([sys.executable, "-c", ECHO_CLIENT, host, str(port)], check=False, timeout=15)
+    return cp.stdout.strip() or "CLOSED"
+
+
+def test_tcp_policies_on_peer_identity(mesh):
+    """Network RBAC (before tcp_proxy) on the mTLS peer's principal: the sleep sidecar's
+    connections are allowed or closed by identity; a plaintext caller has none."""
+    m = mesh
+
+    def policy(sa: str) -> str:
+        return f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: tcp-identity, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: httpbin}}}}
+  rules:
+  - from: [{{source: {{principals: ["cluster.local/ns/default/sa/{sa}"]}}}}]
+    to: [{{operation: {{ports: ["{ECHO_PORT}"]}}}}]
+"""
+    wait_until(lambda: echo_from(m, m.a, ECHO_VIP, 9000) != "CLOSED" or None, 25, interval=0.5,
+               what="tcp echo through both sidecars before any policy")
+    m.pilot.write("authz-tcp-identity.yaml", policy("sleep"))
+    try:
+        def sleep_allowed_plain_closed():
+            via_sidecar = echo_from(m, m.a, ECHO_VIP, 9000)
+            plain = echo_plain(m.b.ns_ip, ECHO_PORT)
+            return (via_sidecar != "CLOSED" and plain == "CLOSED") or None
+        wait_until(sleep_allowed_plain_closed, 25, interval=0.5,
+                   what="TCP: the sleep identity allowed, a plaintext caller closed")
+        m.pilot.write("authz-tcp-identity.yaml", policy("other"))
+        wait_until(lambda: echo_from(m, m.a, ECHO_VIP, 9000) == "CLOSED" or None, 25, interval=0.5,
+                   what="TCP: the sleep identity closed once the policy names another one")
+        rejected_none(m)
+    finally:
+        m.pilot.delete("authz-tcp-identity.yaml")
+
+
+def echo_plain(host: str, port: int) -> str:
+    """From the root namespace, no sidecar: plaintext into the inbound capture."""
+    import socket
+    try:
+        s = socket.create_connection((host, port), timeout=3)
+    except OSError:
+        return "CLOSED"
+    try:
+        s.sendall(b"ping\n")
+        return s.recv(100).decode(errors="replace").strip() or "CLOSED"
+    except (ConnectionResetError, BrokenPipeError, socket.timeout):
+        return "CLOSED"
+    finally:
+        s.close()
