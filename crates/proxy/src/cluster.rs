@@ -3,6 +3,14 @@
 //! honoured by expanding each endpoint into a weighted schedule; RING_HASH and MAGLEV through
 //! the tables of [`crate::hash`], built here once per snapshot).
 //!
+//! Priorities and localities as Envoy balances them: a pick first draws a priority by the
+//! priorities' health (each takes the share its healthy hosts times the overprovisioning
+//! factor 1.4 cover, capped at 100%, the rest spilling to the next; outlier-ejected and
+//! EDS-unhealthy hosts count as unhealthy), then, when the cluster has
+//! `locality_weighted_lb_config`, a locality by its weight times its health, then a host
+//! with the cluster's policy. A consistent-hash table is built per priority. The pilot sets
+//! priorities per proxy from localities (see the xds crate's endpoint generator).
+//!
 //! Each host also resolves its transport: the cluster's `transport_socket_matches` against
 //! the endpoint's `tlsMode` metadata (Istio's auto mTLS), else the cluster's own TLS context.
 //!

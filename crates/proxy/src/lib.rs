@@ -6,8 +6,12 @@
 //! - [`xds`]: ADS client (delta or state of the world); converts each resource ([`config::proto`]) and publishes a
 //!   new [`snapshot::Snapshot`] atomically after every response.
 //! - [`listener`]: binds the snapshot's listeners, hands `virtualOutbound` connections to the
-//!   listener of their original destination, picks a filter chain (destination, SNI, transport,
-//!   ALPN) and terminates TLS when the chain has a TLS context ([`tls`]).
+//!   listener of their original destination (SO_ORIGINAL_DST, or the local address of a
+//!   TPROXY'd connection on a `transparent` listener bound with IP_TRANSPARENT), picks a
+//!   filter chain (destination, SNI, transport, ALPN) and terminates TLS when the chain has a
+//!   TLS context ([`tls`]).
+//! - [`http`]'s upgrades follow the HCM's and the route's `upgrade_configs` (403 otherwise;
+//!   `h2c` upgrades stripped and served as HTTP/1.1, as Envoy's codec does).
 //! - [`http`] (HTTP/1.1 with Upgrade/WebSocket + h2c, gRPC, Envoy's router semantics) or
 //!   [`tcp`] (byte copy).
 //! - [`jwt`]: `envoy.filters.http.jwt_authn` in the HTTP filter chain (RequestAuthentication):
@@ -18,12 +22,15 @@
 //!   per connection before tcp_proxy (a denied connection is closed); ALLOW/DENY/LOG, shadow
 //!   (dry-run) rules, counters in `/stats`. HTTP requests on a kept-alive connection run the
 //!   filters of the current listener config, where Envoy would drain the connection.
-//! - [`cluster`]: load balancing over the cluster's endpoints (consistent hashing in
-//!   [`hash`]), and each endpoint's transport
+//! - [`cluster`]: load balancing over the cluster's endpoints: EDS priorities by Envoy's
+//!   priority load (overprovisioning factor 1.4, outlier-ejected hosts count as unhealthy),
+//!   locality-weighted picks when the cluster asks for them, consistent hashing in
+//!   [`hash`]; and each endpoint's transport
 //!   (auto mTLS by `tlsMode`, DestinationRule TLS) originated by [`tls`].
 //! - [`secrets`]: the workload certificate from the pilot's CA (SDS `default` / `ROOTCA`),
 //!   rotated in-process.
-//! - [`admin`] + [`metrics`]: the admin port, `/healthz/ready` and `/stats/prometheus`
+//! - [`admin`] + [`metrics`]: the admin port (with Envoy's `/logging`, through the binary's
+//!   [`admin::LogControl`]), `/healthz/ready` and `/stats/prometheus`
 //!   (Istio's HTTP and TCP metrics with both workloads' labels, learnt by Istio's metadata
 //!   exchange headers and the endpoints' EDS metadata);
 //!   [`access_log`]: the pilot's access-log format, one line per HTTP request or TCP
@@ -36,19 +43,22 @@
 //! certificate files re-read on change (they load when the resource arrives), CRLs, SPKI/hash
 //! pinning, OCSP, session ticket keys, `Cert`/`Chain` in `x-forwarded-client-cert`, TLS
 //! 1.0/1.1, cipher/curve lists (accepted: rustls' fixed modern set), presenting the workload
-//! certificate on the xDS connection (the pilot does not ask for it), priorities and locality weighting,
+//! certificate on the xDS connection (the pilot does not ask for it), Envoy's panic
+//! threshold within a partly healthy priority and its total-panic spread across priorities
+//! (here: ejected hosts are skipped while any host of the chosen priority is left, all
+//! priorities empty of healthy hosts = the highest one), zone-aware routing,
 //! circuit breakers on TCP proxy clusters and HIGH-priority thresholds, `max_connections`,
 //! `max_pending_requests` and `max_requests_per_connection` on the pools that are not ours
 //! (HTTP/1 to STRICT_DNS hostnames or over TLS contexts that offer h2; HTTP/2: one connection
 //! per endpoint, only `max_requests` applies),
-//! the HCM's `upgrade_configs` (read nowhere: every `Upgrade` is tunnelled, the pilot always
-//! allows websocket), HTTP/2 upstream `:authority` to hostname (STRICT_DNS) endpoints,
+//! upgrade-specific filter chains and CONNECT in `upgrade_configs`, HTTP/2 upstream `:authority` to hostname (STRICT_DNS) endpoints,
 //! request trailers on a retry, keeping upgraded (WebSocket) tunnels open through the drain time, closing open TCP
 //! connections that a new network RBAC policy would deny (decided at accept only), the RBAC
 //! features listed in [`rbac`] (CEL conditions, the matcher API, ...), route matching on JWT
 //! claims (a route match's `dynamic_metadata`: VirtualService `@request.auth.claims`), jwt_authn's
-//! remote JWKS and the rest listed in [`jwt`], `httpsRedirect`, IP_TRANSPARENT (TPROXY), 127.0.0.6 as the
-//! inbound source, `/logging`, TCP metadata exchange (an inbound TCP connection's
+//! remote JWKS and the rest listed in [`jwt`], `httpsRedirect`, TPROXY's original source address towards the app
+//! (`original_src`; the pilot does not emit it either), 127.0.0.6 as the
+//! inbound source, TCP metadata exchange (an inbound TCP connection's
 //! `source_workload` is unknown), an inbound request's `destination_service` from the inbound
 //! cluster's service metadata (taken from its authority instead), TCP byte counts while a
 //! connection is open, `grpc_response_status` from trailers, body sizes without

@@ -13,6 +13,11 @@
 //! - otherwise auto mTLS: endpoints labelled `security.istio.io/tlsMode=istio` (a sidecar in
 //!   front) get mesh mTLS through `transport_socket_matches`, the others plaintext.
 //!
+//! Locality load balancing: `common_lb_config.locality_weighted_lb_config` when the merged
+//! `localityLbSetting` distributes load, or names failover rules with outlier detection on
+//! (istiod's rule); DNS clusters' inline endpoints get the same per-proxy priorities and
+//! weights as EDS ([`super::endpoint`]).
+//!
 //! Mesh mTLS (see [`super::tls`]) needs the agent's SDS secrets, so it is generated only when
 //! the pilot runs a CA ([`mizzen_model::MeshSettings::ca_enabled`]).
 

@@ -4,6 +4,11 @@
 //! Besides one module per xDS type: [`rbac`] (AuthorizationPolicy) and [`jwt`]
 //! (RequestAuthentication) build the filters that [`listener`] puts into inbound and gateway
 //! listeners.
+//!
+//! Per-proxy output beyond selection: [`endpoint`] assigns EDS priorities and locality weights
+//! relative to the proxy's locality (`localityLbSetting`, as istiod), [`cluster`] marks the
+//! clusters that weigh localities, and [`listener`] makes the capture listeners transparent
+//! for proxies whose metadata says `INTERCEPTION_MODE=TPROXY`.
 
 pub mod cluster;
 pub mod endpoint;
