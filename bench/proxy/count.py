@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--systems", default="mizzen,envoy")
     ap.add_argument("--no-callgrind", action="store_true")
+    ap.add_argument("--strace", action="store_true",
+                    help="also count the proxy's syscalls per request (strace -c) over one run")
     ap.add_argument("--keep", default=None,
                     help="copy each callgrind dump here (SYSTEM.callgrind.out) for callgrind_annotate")
     args = ap.parse_args()
@@ -117,6 +119,18 @@ def main():
                         print(f"{s:7} cpu: {(c1 - c0) * 1e6 / max(r['ok'], 1):7.1f} us/request "
                               f"({r['ok']} ok, {r['non_200'] + r['errors']} bad, load {bench.loadavg()})",
                               flush=True)
+                    if args.strace:
+                        st = subprocess.Popen(["strace", "-c", "-f", "-q", "-p", str(pid)],
+                                              stderr=subprocess.PIPE, text=True)
+                        time.sleep(1)
+                        r = oha_n(args.oha, url, args.requests, args.conns)
+                        st.send_signal(2)  # SIGINT: strace detaches and prints its table
+                        table = st.communicate(timeout=60)[1]
+                        print(f"{s:7} syscalls per request ({r['ok']} ok):", flush=True)
+                        for line in table.splitlines():
+                            f = line.split()
+                            if len(f) >= 5 and f[3].isdigit():
+                                print(f"    {f[-1]:16} {int(f[3]) / max(r['ok'], 1):6.2f}", flush=True)
                 else:
                     oha_n(args.oha, url, 500, args.conns)  # warm-up
                     subprocess.run(["callgrind_control", "-z", str(pid)], capture_output=True, timeout=120)

@@ -14,9 +14,14 @@
 //! `Expect: 100-continue` is answered by the proxy (hyper sends `100 Continue` when the body
 //! is first read) and not forwarded; `Upgrade` (WebSocket) requests become a byte tunnel once
 //! the upstream answers `101`; header name case is preserved on HTTP/1 hops both ways.
-//! Upstream connections are pooled per endpoint: HTTP/1 keep-alive by hyper-util's client,
-//! cleartext HTTP/2 by `H2Pool` (one multiplexed connection per endpoint, the request's
-//! host as `:authority`, `TE: trailers` kept for gRPC).
+//! Upstream connections are pooled per endpoint: HTTP/1 keep-alive by `H1Pool` (IP
+//! endpoints, cleartext or TLS; hyper-util's client for hostnames), HTTP/2 by `H2Pool` (one
+//! multiplexed connection per endpoint, the request's host as `:authority`, `TE: trailers`
+//! kept for gRPC). Envoy's circuit breakers (DestinationRule `connectionPool`) hold per
+//! cluster across snapshots: `max_connections` and `max_pending_requests` in `H1Pool`,
+//! `max_requests` for every attempt, `max_retries` around each retry; over a threshold the
+//! request gets Envoy's 503 `... reset reason: overflow` with flag `UO` (a retry over
+//! `max_retries` is not made, and flagged `UO`). Pools drop endpoints that leave the config.
 
 use crate::cluster::{random_below, random_u64, Breakers, ClusterLb, Resource, Slot};
 use crate::config::{
@@ -104,6 +109,43 @@ impl Clients {
             inbound_h2,
             h1pool: H1Pool::default(),
             breakers: ArcSwap::default(),
+        }
+    }
+
+    /// Close the pooled connections to endpoints no cluster of `snap` lists any more (they
+    /// left EDS, or their cluster went away), as Envoy drains a removed host's pools: idle
+    /// connections close now, busy ones when their request is done (HTTP/1) or their last
+    /// stream ends (HTTP/2, once no sender is left). Called with every new snapshot; it
+    /// also keeps the pools' maps from growing with ORIGINAL_DST destinations.
+    pub fn forget_departed(&self, snap: &Snapshot) {
+        let (h1, h2) = (self.h1pool.hosts.load(), self.h2c.conns.load());
+        if h1.is_empty() && h2.is_empty() {
+            return;
+        }
+        let live: std::collections::HashSet<SocketAddr> = snap
+            .clusters
+            .values()
+            .flat_map(|c| c.hosts.iter().filter_map(|h| h.addr))
+            .collect();
+        if h2.keys().any(|k| !live.contains(&k.0)) {
+            self.h2c.conns.rcu(|m| {
+                m.iter()
+                    .filter(|(k, _)| live.contains(&k.0))
+                    .map(|(k, v)| (*k, v.clone()))
+                    .collect::<HashMap<_, _>>()
+            });
+        }
+        if h1.keys().any(|k| !live.contains(&k.0)) {
+            let old = self.h1pool.hosts.rcu(|m| {
+                m.iter()
+                    .filter(|(k, _)| live.contains(&k.0))
+                    .map(|(k, v)| (*k, v.clone()))
+                    .collect::<HashMap<_, _>>()
+            });
+            for (k, host) in old.iter().filter(|(k, _)| !live.contains(&k.0)) {
+                host.retire();
+                debug!(endpoint = %k.0, "closing the pooled HTTP/1 connections of a departed endpoint");
+            }
         }
     }
 
@@ -307,6 +349,21 @@ pub(crate) struct H1Host {
     idle_rx: crossbeam_channel::Receiver<H1Conn>,
     /// Connections open to this endpoint, busy or idle.
     open: std::sync::atomic::AtomicU32,
+    /// The endpoint left the config: connections close instead of going idle.
+    retired: std::sync::atomic::AtomicBool,
+}
+
+impl H1Host {
+    fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Release);
+        // Bounded by the queue's capacity; dropping an idle connection closes it.
+        for _ in 0..MAX_IDLE_PER_HOST {
+            if self.idle_rx.try_recv().is_err() {
+                break;
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for H1Host {
@@ -325,6 +382,7 @@ impl Default for H1Host {
             idle_tx,
             idle_rx,
             open: Default::default(),
+            retired: Default::default(),
         }
     }
 }
@@ -598,6 +656,11 @@ impl PooledBody {
     fn done(&mut self) {
         self._request = None;
         if let Some(b) = self.back.take() {
+            if b.host.retired.load(std::sync::atomic::Ordering::Acquire) {
+                // Dropped: the connection closes.
+                b.breakers.wake_pending();
+                return;
+            }
             b.conn
                 .idle_since
                 .store(pool_now_ms(), std::sync::atomic::Ordering::Release);
@@ -793,6 +856,12 @@ async fn handle(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
     };
     let mut resp = route_request(&ctx, req, &authority, &mut out).await;
     telemetry.request_finished();
+    // A gRPC client gets the proxy's own errors as gRPC (Envoy's local reply conversion).
+    if grpc {
+        if let Some(LocalReply(text)) = resp.extensions().get::<LocalReply>().cloned() {
+            resp = grpc_local_reply(resp.status(), &text);
+        }
+    }
     // The other half of the exchange: a caller that sent its metadata gets ours; the
     // upstream's answer is taken off before the app sees the response.
     let upstream_peer = if inbound {
@@ -803,12 +872,6 @@ async fn handle(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
     } else {
         telemetry.take_peer(resp.headers_mut())
     };
-    // A gRPC client gets the proxy's own errors as gRPC (Envoy's local reply conversion).
-    if grpc {
-        if let Some(LocalReply(text)) = resp.extensions().get::<LocalReply>().cloned() {
-            resp = grpc_local_reply(resp.status(), &text);
-        }
-    }
 
     let code = resp.status().as_u16();
     let (policy, source_principal, destination_principal) =
@@ -952,7 +1015,7 @@ async fn route_request(
     for filter in filters {
         match filter {
             HttpFilter::JwtAuthn(jwt) => {
-                if let Some(resp) = jwt_filter(jwt, &mut req, &mut state) {
+                if let Some(resp) = jwt_filter(ctx, jwt, &mut req, &mut state) {
                     return resp;
                 }
             }
@@ -1102,6 +1165,7 @@ fn rbac_filter(
 /// `envoy.filters.http.jwt_authn`: the verified payloads go to the dynamic metadata (for
 /// rbac); a bad token gets Envoy's 401/403 with its `www-authenticate`.
 fn jwt_filter(
+    ctx: &ConnCtx,
     jwt: &crate::jwt::JwtAuthn,
     req: &mut Request<Incoming>,
     state: &mut FilterState,
@@ -1109,7 +1173,11 @@ fn jwt_filter(
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    match jwt.on_request(req, now) {
+    let conn = crate::jwt::Downstream {
+        tls: ctx.security.tls,
+        use_remote_address: ctx.use_remote_address,
+    };
+    match jwt.on_request(req, conn, now) {
         Ok(payloads) => {
             for (key, payload) in payloads {
                 state.metadata.set(crate::jwt::JWT_AUTHN, key, payload);
@@ -2776,8 +2844,127 @@ mod tests {
         );
         let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
         assert_eq!(n, 3, "the second request reused the first one's connection");
-        assert_eq!(breakers.pending.load(std::sync::atomic::Ordering::SeqCst), 0);
-        assert_eq!(breakers.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(
+            breakers.pending.load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+        assert_eq!(
+            breakers.requests.load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+
+        // Idle past the idle timeout (a connection keeps the timeout it was opened with): the
+        // connection is closed and its slot given back; the next request opens a new one.
+        limits.idle_timeout = Duration::from_millis(100);
+        let fresh = H1Pool::default().host((addr, None, None));
+        let breakers = Arc::new(Breakers::default());
+        assert!(pooled_get(&fresh, &breakers, &limits, addr, "/")
+            .await
+            .is_ok());
+        assert_eq!(
+            breakers
+                .connections
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        // Bounded wait (5 s) for the connection's task to notice.
+        for _ in 0..50 {
+            if breakers
+                .connections
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 0
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            breakers
+                .connections
+                .load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+        assert!(pooled_get(&fresh, &breakers, &limits, addr, "/")
+            .await
+            .is_ok());
+        let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(n, 5, "a new connection after the idle timeout");
+    }
+
+    #[tokio::test]
+    async fn connections_to_departed_endpoints_are_closed() {
+        let (addr, _) = counting_backend().await;
+        let clients = Clients::new();
+        let host = clients.h1pool.host((addr, None, None));
+        let breakers = Arc::new(Breakers::default());
+        let limits = crate::config::PoolLimits::default();
+        assert!(pooled_get(&host, &breakers, &limits, addr, "/")
+            .await
+            .is_ok());
+        assert_eq!(
+            breakers
+                .connections
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        // A snapshot that still lists the endpoint keeps it.
+        let mut snap = Snapshot::default();
+        let cluster = crate::config::Cluster {
+            name: "c".into(),
+            kind: crate::config::DiscoveryKind::Static,
+            lb: crate::config::LbPolicy::RoundRobin,
+            connect_timeout: Duration::from_secs(1),
+            http2: false,
+            eds_name: None,
+            inline_endpoints: Vec::new(),
+            outlier: None,
+            source_address: None,
+            tls: None,
+            transport_matches: Vec::new(),
+            pool: Default::default(),
+            locality_weighted: false,
+        };
+        let endpoint = crate::config::Endpoint {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            weight: 1,
+            healthy: true,
+            transport_metadata: Vec::new(),
+            workload: None,
+            priority: 0,
+            locality: 0,
+            locality_weight: 1,
+        };
+        snap.clusters.insert(
+            "c".into(),
+            Arc::new(ClusterLb::new(cluster, vec![endpoint])),
+        );
+        clients.forget_departed(&snap);
+        assert!(clients
+            .h1pool
+            .hosts
+            .load()
+            .contains_key(&(addr, None, None)));
+        assert!(!host.retired.load(std::sync::atomic::Ordering::SeqCst));
+        // Gone from every cluster: its idle connection closes.
+        clients.forget_departed(&Snapshot::default());
+        assert!(clients.h1pool.hosts.load().is_empty());
+        for _ in 0..50 {
+            if breakers
+                .connections
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 0
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            breakers
+                .connections
+                .load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
     }
 
     #[tokio::test]

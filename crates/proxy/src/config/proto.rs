@@ -1898,6 +1898,187 @@ fn transport_metadata(md: Option<&core::Metadata>) -> Vec<(String, String)> {
 mod tests {
     use super::*;
 
+    fn any_of<M: Message + prost::Name>(m: &M) -> Any {
+        Any {
+            type_url: M::type_url(),
+            value: m.encode_to_vec(),
+        }
+    }
+
+    /// An RBAC config whose one policy allows everything; `cel` adds a CEL condition.
+    fn rbac_rules(cel: bool) -> envoy_types::pb::envoy::config::rbac::v3::Rbac {
+        use envoy_types::pb::envoy::config::rbac::v3 as r;
+        let policy = r::Policy {
+            permissions: vec![r::Permission {
+                rule: Some(r::permission::Rule::Any(true)),
+            }],
+            principals: vec![r::Principal {
+                identifier: Some(r::principal::Identifier::Any(true)),
+            }],
+            condition: cel.then(Default::default),
+            ..Default::default()
+        };
+        r::Rbac {
+            action: r::rbac::Action::Deny as i32,
+            policies: [("p".to_string(), policy)].into_iter().collect(),
+            ..Default::default()
+        }
+    }
+
+    fn chain_listener(filters: Vec<lv3::Filter>) -> lv3::Listener {
+        lv3::Listener {
+            name: "virtualInbound".into(),
+            address: Some(core::Address {
+                address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                    address: "0.0.0.0".into(),
+                    port_specifier: Some(core::socket_address::PortSpecifier::PortValue(15006)),
+                    ..Default::default()
+                })),
+            }),
+            filter_chains: vec![lv3::FilterChain {
+                name: "c".into(),
+                filters,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn http_filter(name: &str, any: Option<Any>) -> hcm::HttpFilter {
+        hcm::HttpFilter {
+            name: name.into(),
+            config_type: any.map(hcm::http_filter::ConfigType::TypedConfig),
+            ..Default::default()
+        }
+    }
+
+    fn hcm_with(filters: Vec<hcm::HttpFilter>) -> lv3::Filter {
+        let h = hcm::HttpConnectionManager {
+            stat_prefix: "inbound_0.0.0.0_8080".into(),
+            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+                hcm::Rds {
+                    route_config_name: "r".into(),
+                    ..Default::default()
+                },
+            )),
+            http_filters: filters,
+            ..Default::default()
+        };
+        lv3::Filter {
+            name: HCM_NAME.into(),
+            config_type: Some(lv3::filter::ConfigType::TypedConfig(any_of(&h))),
+        }
+    }
+
+    #[test]
+    fn http_filters_keep_their_order_and_the_router_ends_them() {
+        let rbac = hrbacv3::Rbac {
+            rules: Some(rbac_rules(false)),
+            ..Default::default()
+        };
+        let l = chain_listener(vec![hcm_with(vec![
+            http_filter(FAULT_FILTER, None),
+            http_filter(CORS_FILTER, None),
+            http_filter(RBAC_FILTER, Some(any_of(&rbac))),
+            http_filter(ROUTER_FILTER, None),
+        ])]);
+        let got = Listener::try_from(&l).map_err(|e| e.to_string());
+        let Ok(Listener { filter_chains, .. }) = got else {
+            panic!("{got:?}");
+        };
+        let NetworkFilter::Http(h) = &filter_chains[0].filter else {
+            panic!("not an HCM");
+        };
+        assert!(matches!(
+            &*h.http_filters,
+            [
+                HttpFilter::Fault,
+                HttpFilter::Cors,
+                HttpFilter::Rbac(_),
+                HttpFilter::Router
+            ]
+        ));
+        // A filter after the router, or an unknown one, is a NACK naming it.
+        for (filters, field) in [
+            (
+                vec![
+                    http_filter(ROUTER_FILTER, None),
+                    http_filter(FAULT_FILTER, None),
+                ],
+                "http_filters[0]",
+            ),
+            (
+                vec![
+                    http_filter("envoy.filters.http.ext_authz", None),
+                    http_filter(ROUTER_FILTER, None),
+                ],
+                "http_filters[0]",
+            ),
+        ] {
+            let e = Listener::try_from(&chain_listener(vec![hcm_with(filters)]))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(&format!("typed_config.{field}")), "{e}");
+        }
+        // An RBAC feature we cannot evaluate (CEL) is a NACK with its path.
+        let cel = hrbacv3::Rbac {
+            rules: Some(rbac_rules(true)),
+            ..Default::default()
+        };
+        let e = Listener::try_from(&chain_listener(vec![hcm_with(vec![
+            http_filter(RBAC_FILTER, Some(any_of(&cel))),
+            http_filter(ROUTER_FILTER, None),
+        ])]))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            e.contains("http_filters[0].typed_config.rules.policies[p].condition"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn network_rbac_goes_before_the_terminal_filter() {
+        let tcp = tcpv3::TcpProxy {
+            stat_prefix: "inbound|9000||".into(),
+            cluster_specifier: Some(tcpv3::tcp_proxy::ClusterSpecifier::Cluster("c".into())),
+            ..Default::default()
+        };
+        let tcp = lv3::Filter {
+            name: TCP_PROXY_NAME.into(),
+            config_type: Some(lv3::filter::ConfigType::TypedConfig(any_of(&tcp))),
+        };
+        let rbac = |cel| lv3::Filter {
+            name: NETWORK_RBAC_FILTER.into(),
+            config_type: Some(lv3::filter::ConfigType::TypedConfig(any_of(
+                &nrbacv3::Rbac {
+                    rules: Some(rbac_rules(cel)),
+                    stat_prefix: "tcp.".into(),
+                    ..Default::default()
+                },
+            ))),
+        };
+        let l = Listener::try_from(&chain_listener(vec![rbac(false), rbac(false), tcp.clone()]));
+        assert!(l.is_ok_and(|l| l.filter_chains[0].network_rbac.len() == 2
+            && matches!(l.filter_chains[0].filter, NetworkFilter::Tcp(_))));
+        let e = Listener::try_from(&chain_listener(vec![rbac(false), rbac(true), tcp.clone()]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("filters[1].typed_config.rules.policies[p].condition"),
+            "{e}"
+        );
+        // Only RBAC may precede the terminal filter.
+        let e = Listener::try_from(&chain_listener(vec![tcp.clone(), tcp]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("filters[0].name"), "{e}");
+    }
+
     #[test]
     fn substitution_uses_regex_crate_syntax() {
         assert_eq!(envoy_substitution(r"/v2/\1/x"), "/v2/${1}/x");
