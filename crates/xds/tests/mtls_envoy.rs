@@ -270,13 +270,23 @@ fn outbound_auto_mtls_and_destination_rule_modes() {
     assert_eq!(common.alpn_protocols, ["istio-peer-exchange", "istio"]);
     assert!(format!("{:?}", common.validation_context_type)
         .contains("spiffe://cluster.local/ns/foo/sa/web-sa"));
-    // The endpoint with a sidecar carries the match metadata.
-    let eps = web.load_assignment.as_ref().expect("endpoints");
-    assert!(eps.endpoints[0].lb_endpoints[0].metadata.is_some());
+    // The endpoint with a sidecar carries the match metadata (beside istiod's telemetry
+    // metadata `istio: {workload}`, which every endpoint of a known workload has).
+    let tls_match = |eps: &envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment| {
+        eps.endpoints[0].lb_endpoints[0]
+            .metadata
+            .as_ref()
+            .is_some_and(|m| {
+                m.filter_metadata
+                    .contains_key("envoy.transport_socket_match")
+            })
+    };
+    assert!(tls_match(web.load_assignment.as_ref().expect("endpoints")));
     // Port 9100: the workload DISABLEs mTLS there, so its endpoint does not ask for it.
     let auto = cluster(&cs, "outbound|9100||web.foo.svc.cluster.local");
-    let eps = auto.load_assignment.as_ref().expect("endpoints");
-    assert!(eps.endpoints[0].lb_endpoints[0].metadata.is_none());
+    assert!(!tls_match(
+        auto.load_assignment.as_ref().expect("endpoints")
+    ));
     // DR ISTIO_MUTUAL: mTLS even without the label; DR DISABLE: plaintext despite it.
     let legacy = cluster(&cs, "outbound|80||legacy.foo.svc.cluster.local");
     assert!(legacy.transport_socket_matches.is_empty());
