@@ -1240,6 +1240,11 @@ fn cluster(c: &cv3::Cluster) -> FResult<Cluster> {
             if let Some(m) = &common.max_requests_per_connection {
                 pool.max_requests_per_connection = m.value;
             }
+            pool.max_connection_duration = common
+                .max_connection_duration
+                .as_ref()
+                .map(duration)
+                .filter(|d| !d.is_zero());
             // Zero disables Envoy's idle timeout.
             match common.idle_timeout.as_ref().map(duration) {
                 Some(d) if d.is_zero() => pool.idle_timeout = Duration::MAX,
