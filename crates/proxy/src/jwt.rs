@@ -634,11 +634,26 @@ pub struct Rejection {
 /// (`payload_in_metadata` / `header_in_metadata`) -> JSON object.
 pub type Payloads = Vec<(String, Value)>;
 
+/// The downstream connection, for the scheme Envoy's connection manager gives the request
+/// (`x-forwarded-proto`), which the `www-authenticate` realm shows.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Downstream {
+    pub tls: bool,
+    /// `use_remote_address` (an edge proxy): the connection's scheme overrides the client's
+    /// `x-forwarded-proto`.
+    pub use_remote_address: bool,
+}
+
 impl JwtAuthn {
     /// Run the filter on a request: `Ok` with the payloads for dynamic metadata (the request's
     /// headers and query may have been changed: outputs set, forwarded-or-not tokens), or the
     /// reply to send. `now` is the Unix time in seconds.
-    pub fn on_request<B>(&self, req: &mut Request<B>, now: u64) -> Result<Payloads, Rejection> {
+    pub fn on_request<B>(
+        &self,
+        req: &mut Request<B>,
+        conn: Downstream,
+        now: u64,
+    ) -> Result<Payloads, Rejection> {
         let mut payloads = Vec::new();
         if self.bypass_cors_preflight && is_cors_preflight(req) {
             return Ok(payloads);
@@ -647,9 +662,11 @@ impl JwtAuthn {
         let Some(rule) = self.rules.iter().find(|r| r.path.matches(path)) else {
             return Ok(payloads);
         };
+        // Taken before verification may drop a token parameter (as Envoy does).
+        let realm = original_uri(req, conn);
         match self.run(&rule.verifier, req, now, &mut payloads) {
             Ok(()) => Ok(payloads),
-            Err(status) => Err(self.reject(status, req)),
+            Err(status) => Err(self.reject(status, &realm)),
         }
     }
 
@@ -784,7 +801,7 @@ impl JwtAuthn {
             .or_else(|| self.providers.iter().find(|p| p.issuer.is_empty()))
     }
 
-    fn reject<B>(&self, reason: Status, req: &Request<B>) -> Rejection {
+    fn reject(&self, reason: Status, realm: &str) -> Rejection {
         let status = if reason == Status::AudienceNotAllowed {
             StatusCode::FORBIDDEN
         } else {
@@ -799,7 +816,7 @@ impl JwtAuthn {
                 reason,
             };
         }
-        let mut v = format!("Bearer realm=\"{}\"", original_uri(req));
+        let mut v = format!("Bearer realm=\"{realm}\"");
         if reason != Status::Missed {
             v.push_str(", error=\"invalid_token\"");
         }
@@ -825,13 +842,18 @@ fn is_cors_preflight<B>(req: &Request<B>) -> bool {
 }
 
 /// Envoy's `buildOriginalUri`: `x-forwarded-proto://host` + the path (query included), the
-/// path cut at 256 bytes.
-fn original_uri<B>(req: &Request<B>) -> String {
+/// path cut at 256 bytes. The scheme is what Envoy's connection manager leaves in
+/// `x-forwarded-proto`: the client's, unless this is the edge or it sent none.
+fn original_uri<B>(req: &Request<B>, conn: Downstream) -> String {
     let h = req.headers();
-    let scheme = h
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("http");
+    let own = if conn.tls { "https" } else { "http" };
+    let scheme = if conn.use_remote_address {
+        own
+    } else {
+        h.get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(own)
+    };
     let host = req
         .uri()
         .authority()

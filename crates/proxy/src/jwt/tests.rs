@@ -215,7 +215,9 @@ fn a_valid_token_passes_its_payload_goes_to_metadata_and_the_token_is_stripped()
     let f = compile(&istio(vec![provider(ISS, jwks(&[k.jwk("k1")]))]));
     let tok = k.token("k1", json!({"groups": ["dev", "admin"]}));
     let mut r = req("/open", &[("authorization", &bearer(&tok))]);
-    let md = f.on_request(&mut r, NOW).expect("valid token");
+    let md = f
+        .on_request(&mut r, Downstream::default(), NOW)
+        .expect("valid token");
     assert_eq!(md.len(), 1);
     assert_eq!(md[0].0, ISS);
     assert_eq!(md[0].1["sub"], "alice");
@@ -230,12 +232,12 @@ fn no_token_passes_with_allow_missing_and_is_refused_without_it() {
     let p = provider(ISS, jwks(&[k.jwk("k1")]));
     let f = compile(&istio(vec![p.clone()]));
     let md = f
-        .on_request(&mut req("/", &[]), NOW)
+        .on_request(&mut req("/", &[]), Downstream::default(), NOW)
         .expect("no token passes");
     assert!(md.is_empty());
 
     let strict = compile(&one_rule(vec![p], name_req("origins-0")));
-    let rej = denied(strict.on_request(&mut req("/x?a=1", &[]), NOW));
+    let rej = denied(strict.on_request(&mut req("/x?a=1", &[]), Downstream::default(), NOW));
     assert_eq!(rej.status, StatusCode::UNAUTHORIZED);
     assert_eq!(rej.body, "Jwt is missing");
     // Missing: a realm, no invalid_token error (Envoy's header).
@@ -317,7 +319,7 @@ fn envoy_answers_for_invalid_tokens() {
     ];
     for (tok, status, body) in cases {
         let mut r = req("/open", &[("authorization", &bearer(&tok))]);
-        let rej = denied(f.on_request(&mut r, NOW));
+        let rej = denied(f.on_request(&mut r, Downstream::default(), NOW));
         assert_eq!((rej.status, rej.body), (status, body), "token {tok}");
         assert_eq!(
             rej.www_authenticate.expect("header"),
@@ -334,13 +336,21 @@ fn clock_skew_is_sixty_seconds_by_default_and_configurable() {
     for extra in [json!({"exp": NOW - 59}), json!({"nbf": NOW + 59})] {
         let tok = k.token("k1", extra);
         assert!(f
-            .on_request(&mut req("/", &[("authorization", &bearer(&tok))]), NOW)
+            .on_request(
+                &mut req("/", &[("authorization", &bearer(&tok))]),
+                Downstream::default(),
+                NOW
+            )
             .is_ok());
     }
     p.clock_skew_seconds = 5;
     let f = compile(&istio(vec![p]));
     let tok = k.token("k1", json!({"exp": NOW - 10}));
-    let rej = denied(f.on_request(&mut req("/", &[("authorization", &bearer(&tok))]), NOW));
+    let rej = denied(f.on_request(
+        &mut req("/", &[("authorization", &bearer(&tok))]),
+        Downstream::default(),
+        NOW,
+    ));
     assert_eq!(rej.body, "Jwt is expired");
 }
 
@@ -353,19 +363,31 @@ fn audiences_any_listed_one_matches_none_listed_means_any() {
     for aud in [json!(["x", "web"]), json!("api.test"), json!("http://web/")] {
         let tok = k.token("k1", json!({ "aud": aud }));
         assert!(
-            f.on_request(&mut req("/", &[("authorization", &bearer(&tok))]), NOW)
-                .is_ok(),
+            f.on_request(
+                &mut req("/", &[("authorization", &bearer(&tok))]),
+                Downstream::default(),
+                NOW
+            )
+            .is_ok(),
             "aud {aud}"
         );
     }
     let tok = k.token("k1", json!({"aud": ["x", "y"]}));
     assert!(f
-        .on_request(&mut req("/", &[("authorization", &bearer(&tok))]), NOW)
+        .on_request(
+            &mut req("/", &[("authorization", &bearer(&tok))]),
+            Downstream::default(),
+            NOW
+        )
         .is_err());
     p.audiences.clear();
     let f = compile(&istio(vec![p]));
     assert!(f
-        .on_request(&mut req("/", &[("authorization", &bearer(&tok))]), NOW)
+        .on_request(
+            &mut req("/", &[("authorization", &bearer(&tok))]),
+            Downstream::default(),
+            NOW
+        )
         .is_ok());
 }
 
@@ -390,8 +412,12 @@ fn every_supported_algorithm_verifies_and_a_foreign_signature_does_not() {
         let claims = json!({"iss": ISS, "sub": "s", "aud": "web", "exp": NOW + 60});
         let tok = k.sign(alg, "k1", claims.clone());
         assert!(
-            f.on_request(&mut req("/", &[("authorization", &bearer(&tok))]), NOW)
-                .is_ok(),
+            f.on_request(
+                &mut req("/", &[("authorization", &bearer(&tok))]),
+                Downstream::default(),
+                NOW
+            )
+            .is_ok(),
             "{alg}"
         );
         // The same claims under another signature of the same length.
@@ -399,7 +425,11 @@ fn every_supported_algorithm_verifies_and_a_foreign_signature_does_not() {
         let other = k.sign(alg, "k1", json!({"iss": ISS, "aud": "web", "x": 1}));
         parts[2] = other.rsplit('.').next().unwrap_or_default().to_string();
         let forged = parts.join(".");
-        let rej = denied(f.on_request(&mut req("/", &[("authorization", &bearer(&forged))]), NOW));
+        let rej = denied(f.on_request(
+            &mut req("/", &[("authorization", &bearer(&forged))]),
+            Downstream::default(),
+            NOW,
+        ));
         assert_eq!(rej.body, "Jwt verification fails", "{alg}");
     }
 }
@@ -417,14 +447,22 @@ fn a_key_of_another_family_or_alg_cannot_verify() {
     )]));
     let tok = r.sign("RS256", "", json!({"iss": ISS, "aud": "web"}));
     assert!(f
-        .on_request(&mut req("/", &[("authorization", &bearer(&tok))]), NOW)
+        .on_request(
+            &mut req("/", &[("authorization", &bearer(&tok))]),
+            Downstream::default(),
+            NOW
+        )
         .is_ok());
     // A key pinned to another alg is no candidate.
     let mut jwk = r.jwk("k1");
     jwk["alg"] = json!("PS256");
     let f = compile(&istio(vec![provider(ISS, jwks(&[jwk]))]));
     let tok = r.token("k1", json!({}));
-    let rej = denied(f.on_request(&mut req("/", &[("authorization", &bearer(&tok))]), NOW));
+    let rej = denied(f.on_request(
+        &mut req("/", &[("authorization", &bearer(&tok))]),
+        Downstream::default(),
+        NOW,
+    ));
     assert_eq!(
         rej.body,
         "Jwks doesn't have key to match kid or alg from Jwt"
@@ -478,7 +516,8 @@ fn custom_locations_forward_and_outputs() {
             ("x-jwt-payload", "forged"),
         ],
     );
-    f.on_request(&mut r, NOW).expect("header token");
+    f.on_request(&mut r, Downstream::default(), NOW)
+        .expect("header token");
     let h = r.headers();
     assert_eq!(
         h.get("x-jwt").map(|v| v.as_bytes()),
@@ -504,24 +543,39 @@ fn custom_locations_forward_and_outputs() {
             &bearer(&k.token("k1", json!({"aud": "x"}))),
         )],
     );
-    assert!(f.on_request(&mut r, NOW).expect("ignored").is_empty());
+    assert!(f
+        .on_request(&mut r, Downstream::default(), NOW)
+        .expect("ignored")
+        .is_empty());
     // Query parameter, and a cookie.
     let mut r = req(&format!("/p?a=1&access_token={tok}&b=2"), &[]);
-    assert_eq!(f.on_request(&mut r, NOW).expect("param").len(), 1);
+    assert_eq!(
+        f.on_request(&mut r, Downstream::default(), NOW)
+            .expect("param")
+            .len(),
+        1
+    );
     let mut r = req("/", &[("cookie", &format!("a=b; session=\"{tok}\""))]);
-    assert_eq!(f.on_request(&mut r, NOW).expect("cookie").len(), 1);
+    assert_eq!(
+        f.on_request(&mut r, Downstream::default(), NOW)
+            .expect("cookie")
+            .len(),
+        1
+    );
     // forward = false takes the parameter out of the query.
     p.forward = false;
     let f = compile(&istio(vec![p]));
     let mut r = req(&format!("/p?a=1&access_token={tok}&b=2"), &[]);
-    f.on_request(&mut r, NOW).expect("param");
+    f.on_request(&mut r, Downstream::default(), NOW)
+        .expect("param");
     assert_eq!(
         r.uri().path_and_query().map(|p| p.as_str()),
         Some("/p?a=1&b=2")
     );
     // A client cannot forge the output headers even without a token.
     let mut r = req("/", &[("x-sub", "mallory"), ("x-jwt-payload", "forged")]);
-    f.on_request(&mut r, NOW).expect("no token");
+    f.on_request(&mut r, Downstream::default(), NOW)
+        .expect("no token");
     assert!(r.headers().get("x-sub").is_none() && r.headers().get("x-jwt-payload").is_none());
 }
 
@@ -534,7 +588,11 @@ fn providers_by_issuer_and_multiple_tokens() {
     let f = compile(&istio(vec![p0, p1]));
     let tok = b.token("k2", json!({"iss": "https://other.test"}));
     let md = f
-        .on_request(&mut req("/", &[("authorization", &bearer(&tok))]), NOW)
+        .on_request(
+            &mut req("/", &[("authorization", &bearer(&tok))]),
+            Downstream::default(),
+            NOW,
+        )
         .expect("second provider");
     assert_eq!(md[0].0, "https://other.test");
     // A good token and a bad one. With a single provider required, every token must be good.
@@ -551,23 +609,23 @@ fn providers_by_issuer_and_multiple_tokens() {
         )
     };
     assert_eq!(
-        denied(strict.on_request(&mut two(&good, &bad), NOW)).body,
+        denied(strict.on_request(&mut two(&good, &bad), Downstream::default(), NOW)).body,
         "Jwt is expired"
     );
     assert_eq!(
-        denied(strict.on_request(&mut two(&bad, &good), NOW)).body,
+        denied(strict.on_request(&mut two(&bad, &good), Downstream::default(), NOW)).body,
         "Jwt is expired"
     );
     // Under allow_missing Envoy checks them all and the last one checked (the first extracted:
     // headers before parameters) decides.
     assert_eq!(
-        f.on_request(&mut two(&good, &bad), NOW)
+        f.on_request(&mut two(&good, &bad), Downstream::default(), NOW)
             .expect("header decides")
             .len(),
         1
     );
     assert_eq!(
-        denied(f.on_request(&mut two(&bad, &good), NOW)).body,
+        denied(f.on_request(&mut two(&bad, &good), Downstream::default(), NOW)).body,
         "Jwt is expired"
     );
 }
@@ -585,7 +643,7 @@ fn cors_preflight_and_unmatched_paths_bypass_verification() {
         .header("authorization", "Bearer garbage")
         .body(())
         .expect("request");
-    assert!(f.on_request(&mut r, NOW).is_ok());
+    assert!(f.on_request(&mut r, Downstream::default(), NOW).is_ok());
     c.rules[0].r#match = Some(rv3::RouteMatch {
         path_specifier: Some(rv3::route_match::PathSpecifier::Prefix("/api".into())),
         ..Default::default()
@@ -594,12 +652,14 @@ fn cors_preflight_and_unmatched_paths_bypass_verification() {
     assert!(f
         .on_request(
             &mut req("/open", &[("authorization", "Bearer garbage")]),
+            Downstream::default(),
             NOW
         )
         .is_ok());
     assert!(f
         .on_request(
             &mut req("/api/x", &[("authorization", "Bearer garbage")]),
+            Downstream::default(),
             NOW
         )
         .is_err());
@@ -615,13 +675,21 @@ fn unusable_jwks_fail_tokens_like_envoy_and_strip_failure_response() {
     ] {
         let f = compile(&istio(vec![provider(ISS, bad.into())]));
         let tok = k.token("k1", json!({}));
-        let rej = denied(f.on_request(&mut req("/", &[("authorization", &bearer(&tok))]), NOW));
+        let rej = denied(f.on_request(
+            &mut req("/", &[("authorization", &bearer(&tok))]),
+            Downstream::default(),
+            NOW,
+        ));
         assert_eq!(rej.body, "Jwks doesn't have any valid public key", "{bad}");
     }
     let mut c = istio(vec![provider(ISS, jwks(&[k.jwk("k1")]))]);
     c.strip_failure_response = true;
     let f = compile(&c);
-    let rej = denied(f.on_request(&mut req("/", &[("authorization", "Bearer x.y.z")]), NOW));
+    let rej = denied(f.on_request(
+        &mut req("/", &[("authorization", "Bearer x.y.z")]),
+        Downstream::default(),
+        NOW,
+    ));
     assert_eq!(
         (rej.status, rej.body, rej.www_authenticate),
         (StatusCode::UNAUTHORIZED, "", None)
@@ -704,7 +772,11 @@ fn the_pilots_placeholder_key_refuses_every_token() {
     let f = compile(&istio(vec![provider(ISS, unusable.into())]));
     let k = rsa("a");
     let tok = k.sign("RS256", "mizzen-no-key", json!({"iss": ISS, "aud": "web"}));
-    let rej = denied(f.on_request(&mut req("/", &[("authorization", &bearer(&tok))]), NOW));
+    let rej = denied(f.on_request(
+        &mut req("/", &[("authorization", &bearer(&tok))]),
+        Downstream::default(),
+        NOW,
+    ));
     assert_eq!(rej.body, "Jwt verification fails");
 }
 
@@ -800,5 +872,46 @@ fn the_listener_carries_the_filter_and_a_bad_one_is_nacked_with_its_full_path() 
     assert!(
         e.contains("http_filters[0].typed_config.providers[origins-0].remote_jwks"),
         "{e}"
+    );
+}
+
+#[test]
+fn the_realm_scheme_is_what_envoys_connection_manager_sets() {
+    let k = rsa("a");
+    let f = compile(&one_rule(
+        vec![provider(ISS, jwks(&[k.jwk("k1")]))],
+        name_req("origins-0"),
+    ));
+    let realm = |xfp: Option<&str>, conn: Downstream| {
+        let mut b = Request::builder().uri("/p").header("host", "gw.test");
+        if let Some(x) = xfp {
+            b = b.header("x-forwarded-proto", x);
+        }
+        let mut r = b.body(()).expect("request");
+        denied(f.on_request(&mut r, conn, NOW))
+            .www_authenticate
+            .and_then(|v| v.to_str().ok().map(str::to_string))
+            .unwrap_or_default()
+    };
+    let tls = Downstream {
+        tls: true,
+        use_remote_address: false,
+    };
+    let edge = Downstream {
+        tls: true,
+        use_remote_address: true,
+    };
+    assert_eq!(realm(None, tls), "Bearer realm=\"https://gw.test/p\"");
+    assert_eq!(
+        realm(Some("http"), tls),
+        "Bearer realm=\"http://gw.test/p\""
+    );
+    assert_eq!(
+        realm(Some("http"), edge),
+        "Bearer realm=\"https://gw.test/p\""
+    );
+    assert_eq!(
+        realm(None, Downstream::default()),
+        "Bearer realm=\"http://gw.test/p\""
     );
 }
