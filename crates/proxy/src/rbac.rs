@@ -39,6 +39,11 @@
 //! principal `filter_state`/`custom`, ROUTE metadata, header `range_match`, network RBAC
 //! `CONTINUOUS` enforcement. Envoy's `access_log_hint` metadata of the LOG action is not
 //! written (nothing here reads it); matches are logged at debug level instead.
+//!
+//! Known differences: `authenticated` matches the peer certificate's URI SAN (the SPIFFE id)
+//! only, where Envoy would also try its DNS SANs and subject; `:authority` is matched
+//! lowercased; an open TCP connection is not re-checked when policies change (Envoy drains
+//! it with its old filter chain).
 
 use crate::config::{HeaderMatch, StringMatch, ValueMatch};
 use crate::http::DynamicMetadata;
