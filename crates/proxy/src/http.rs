@@ -904,7 +904,15 @@ async fn handle(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
         reporter: ctx.reporter,
         source,
         destination,
-        service: telemetry.service(&out.cluster, &authority),
+        // Inbound in mesh mTLS, the SNI names the service the caller meant; else the host.
+        service: telemetry.service(
+            &out.cluster,
+            ctx.sni
+                .as_deref()
+                .filter(|_| inbound)
+                .and_then(crate::metrics::service_from_sni)
+                .unwrap_or(&authority),
+        ),
         source_principal,
         destination_principal,
         request_protocol: if grpc { "grpc" } else { "http" },

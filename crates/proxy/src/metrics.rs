@@ -857,6 +857,15 @@ impl Default for Metrics {
     }
 }
 
+/// The service FQDN in Istio's mesh mTLS SNI (`outbound_.PORT_.SUBSET_.FQDN`): what the
+/// client's sidecar meant to reach, which the inbound side's clusters do not name.
+pub fn service_from_sni(sni: &str) -> Option<&str> {
+    sni.strip_prefix("outbound_.")?
+        .splitn(3, "_.")
+        .nth(2)
+        .filter(|s| !s.is_empty())
+}
+
 /// A peer's `x-envoy-peer-metadata`: base64 of a protobuf `Struct` of its node metadata.
 pub fn decode_peer(b64: &[u8]) -> Option<Workload> {
     use prost::Message as _;
@@ -1055,6 +1064,19 @@ mod tests {
             ("web-v2", "shop", "web", "v2", "east")
         );
         assert!(Workload::from_endpoint_metadata("web;shop").is_none());
+    }
+
+    #[test]
+    fn services_from_mesh_sni() {
+        assert_eq!(
+            service_from_sni("outbound_.8000_._.back.default.svc.cluster.local"),
+            Some("back.default.svc.cluster.local")
+        );
+        assert_eq!(
+            service_from_sni("outbound_.80_.v1_.web.shop.svc.cluster.local"),
+            Some("web.shop.svc.cluster.local")
+        );
+        assert_eq!(service_from_sni("api.example.com"), None);
     }
 
     #[test]

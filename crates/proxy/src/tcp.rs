@@ -192,8 +192,7 @@ fn tcp_key(shared: &Shared, conn: &TcpConn, report: &mut Report) -> TcpKey {
         .sni
         .as_deref()
         .filter(|_| inbound)
-        .and_then(|s| s.strip_prefix("outbound_."))
-        .and_then(|s| s.splitn(3, "_.").nth(2))
+        .and_then(crate::metrics::service_from_sni)
         .unwrap_or("");
     let (policy, source_principal, destination_principal) = crate::metrics::security_labels(
         conn.reporter,
