@@ -393,6 +393,8 @@ struct H1Conn {
     peer: Option<crate::tls::Security>,
     /// Requests sent on it so far (`max_requests_per_connection`).
     uses: u32,
+    /// When it was opened (`max_connection_duration`).
+    born: Instant,
     /// Milliseconds (since [`pool_epoch`]) when it last went idle; 0 while busy. The
     /// connection's task closes it once idle longer than the cluster's idle timeout.
     idle_since: Arc<std::sync::atomic::AtomicU64>,
@@ -444,13 +446,18 @@ impl H1Pool {
     }
 
     /// A ready idle connection of `host`, dropping (closing) dead or expired ones.
-    async fn take_idle(host: &H1Host, idle_timeout: Duration) -> Option<H1Conn> {
+    async fn take_idle(
+        host: &H1Host,
+        idle_timeout: Duration,
+        max_age: Option<Duration>,
+    ) -> Option<H1Conn> {
         // Bounded by the queue's capacity.
         for _ in 0..MAX_IDLE_PER_HOST {
             let mut c = host.idle_rx.try_recv().ok()?;
             let since = c.idle_since.swap(0, std::sync::atomic::Ordering::AcqRel);
             let idle_for = Duration::from_millis(pool_now_ms().saturating_sub(since));
-            if c.sender.is_closed() || (since > 0 && idle_for >= idle_timeout) {
+            let too_old = max_age.is_some_and(|m| c.born.elapsed() >= m);
+            if c.sender.is_closed() || too_old || (since > 0 && idle_for >= idle_timeout) {
                 continue;
             }
             // Right after its previous response the connection task may not have marked it
@@ -472,7 +479,8 @@ impl H1Pool {
         reusable: bool,
     ) -> Result<Response<Body>, Failure> {
         let limits = pool.limits;
-        let mut conn = Self::take_idle(&host, limits.idle_timeout).await;
+        let mut conn =
+            Self::take_idle(&host, limits.idle_timeout, limits.max_connection_duration).await;
         if conn.is_none() {
             // Envoy: a request without a ready connection is pending, within the threshold.
             let _pending = pool
@@ -485,7 +493,10 @@ impl H1Pool {
                 let freed = pool.breakers.freed.notified();
                 tokio::pin!(freed);
                 freed.as_mut().enable();
-                if let Some(c) = Self::take_idle(&host, limits.idle_timeout).await {
+                if let Some(c) =
+                    Self::take_idle(&host, limits.idle_timeout, limits.max_connection_duration)
+                        .await
+                {
                     conn = Some(c);
                     break;
                 }
@@ -560,6 +571,7 @@ impl H1Pool {
             host,
             conn,
             breakers: pool.breakers.clone(),
+            max_age: limits.max_connection_duration,
         });
         let (mut parts, body) = resp.into_parts();
         if let Some(p) = peer {
@@ -632,6 +644,7 @@ async fn h1_connect(
         sender,
         peer,
         uses: 0,
+        born: Instant::now(),
         idle_since,
     })
 }
@@ -641,6 +654,7 @@ struct GiveBack {
     host: Arc<H1Host>,
     conn: H1Conn,
     breakers: Arc<Breakers>,
+    max_age: Option<Duration>,
 }
 
 /// An upstream HTTP/1.1 response body: holds the request's breaker slot until it ends, then
@@ -656,7 +670,8 @@ impl PooledBody {
     fn done(&mut self) {
         self._request = None;
         if let Some(b) = self.back.take() {
-            if b.host.retired.load(std::sync::atomic::Ordering::Acquire) {
+            let too_old = b.max_age.is_some_and(|m| b.conn.born.elapsed() >= m);
+            if too_old || b.host.retired.load(std::sync::atomic::Ordering::Acquire) {
                 // Dropped: the connection closes.
                 b.breakers.wake_pending();
                 return;
@@ -2897,6 +2912,17 @@ mod tests {
             .is_ok());
         let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
         assert_eq!(n, 5, "a new connection after the idle timeout");
+
+        // Past max_connection_duration a connection is not reused.
+        let aged = crate::config::PoolLimits {
+            max_connection_duration: Some(Duration::ZERO),
+            ..Default::default()
+        };
+        let fresh = H1Pool::default().host((addr, None, None));
+        assert!(pooled_get(&fresh, &breakers, &aged, addr, "/").await.is_ok());
+        assert!(pooled_get(&fresh, &breakers, &aged, addr, "/").await.is_ok());
+        let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(n, 7, "every connection too old to reuse");
     }
 
     #[tokio::test]

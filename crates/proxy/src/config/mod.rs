@@ -423,6 +423,8 @@ pub struct PoolLimits {
     pub max_requests_per_connection: u32,
     /// An upstream connection idle this long is closed.
     pub idle_timeout: Duration,
+    /// `max_connection_duration`: an older connection is closed once it is idle.
+    pub max_connection_duration: Option<Duration>,
 }
 
 impl Default for PoolLimits {
@@ -436,6 +438,7 @@ impl Default for PoolLimits {
             max_retries: 3,
             max_requests_per_connection: 0,
             idle_timeout: Duration::from_secs(3600),
+            max_connection_duration: None,
         }
     }
 }

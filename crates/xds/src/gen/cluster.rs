@@ -393,17 +393,27 @@ fn outbound_cluster(
         || http.and_then(|h| h.h2_upgrade_policy) == Some(net::H2UpgradePolicy::Upgrade);
     let mut common = core::HttpProtocolOptions::default();
     let mut has_common = false;
-    if let Some(h) = http {
-        if let Some(idle) = h.idle_timeout {
-            common.idle_timeout = Some(duration(idle.as_std()));
-            has_common = true;
-        }
-        if let Some(m) = h.max_requests_per_connection.filter(|m| *m > 0) {
-            common.max_requests_per_connection = Some(UInt32Value {
-                value: m.unsigned_abs(),
-            });
-            has_common = true;
-        }
+    let tcp = policy.pool.as_ref().and_then(|p| p.tcp.as_ref());
+    // As istiod: http.idleTimeout, else tcp.idleTimeout; tcp.maxConnectionDuration.
+    let idle = http
+        .and_then(|h| h.idle_timeout)
+        .or(tcp.and_then(|t| t.idle_timeout));
+    if let Some(idle) = idle {
+        common.idle_timeout = Some(duration(idle.as_std()));
+        has_common = true;
+    }
+    if let Some(d) = tcp.and_then(|t| t.max_connection_duration) {
+        common.max_connection_duration = Some(duration(d.as_std()));
+        has_common = true;
+    }
+    if let Some(m) = http
+        .and_then(|h| h.max_requests_per_connection)
+        .filter(|m| *m > 0)
+    {
+        common.max_requests_per_connection = Some(UInt32Value {
+            value: m.unsigned_abs(),
+        });
+        has_common = true;
     }
     if h2 || has_common {
         let protocol = if h2 {
