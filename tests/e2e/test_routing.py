@@ -267,6 +267,17 @@ def test_locality_failover_by_priority(locality: RouterMesh):
     wait_until(lambda: backends_of(mesh, host, 10) == Counter({"web-v2": 10}), 10,
                what="failover to priority 1 (web-v2) after web-v1's ejection", proc=mesh.proxy.proc)
     assert backends_of(mesh, host, 40) == Counter({"web-v2": 40})
+    # A config push in between keeps the ejection (Envoy keeps host state across updates).
+    extra = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: loc-extra, namespace: default}\n" \
+            "spec: {hosts: [loc-extra.internal.example], resolution: STATIC, ports: [{number: 80, name: http, " \
+            "protocol: HTTP}], endpoints: [{address: 127.0.0.99}]}\n"
+    mesh.pilot.write("loc-extra.yaml", extra)
+    try:
+        wait_until(lambda: "outbound|80||loc-extra.internal.example" in mesh.proxy.dynamic_names()["clusters"], 10,
+                   what="the pushed loc-extra cluster", proc=mesh.proxy.proc)
+        assert backends_of(mesh, host, 20) == Counter({"web-v2": 20})
+    finally:
+        mesh.pilot.delete("loc-extra.yaml")
     assert mesh.gw.get(host, "/status/500/eject-v2").headers.get("x-backend") == "web-v2"
     wait_until(lambda: backends_of(mesh, host, 10) == Counter({"api-v1": 10}), 10,
                what="failover to priority 2 (api-v1, the other region)", proc=mesh.proxy.proc)

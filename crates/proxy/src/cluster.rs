@@ -475,6 +475,32 @@ impl ClusterLb {
         }
     }
 
+    /// Keep outlier detection's state across snapshots, as Envoy keeps it across EDS
+    /// updates: hosts of `old` still present (same address) stay ejected and keep their
+    /// error streaks. Runs when a snapshot is published, not on the request path.
+    pub fn inherit_outlier_state(&self, old: &ClusterLb) {
+        if self.config.outlier.is_none() || old.hosts.is_empty() {
+            return;
+        }
+        let by_addr: std::collections::HashMap<(&str, u16), &Host> = old
+            .hosts
+            .iter()
+            .map(|h| ((h.endpoint.host.as_str(), h.endpoint.port), &**h))
+            .collect();
+        for h in &self.hosts {
+            if let Some(o) = by_addr.get(&(h.endpoint.host.as_str(), h.endpoint.port)) {
+                for (new, old) in [
+                    (&h.consecutive_5xx, &o.consecutive_5xx),
+                    (&h.consecutive_gateway, &o.consecutive_gateway),
+                ] {
+                    new.store(old.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+                h.ejected_until
+                    .store(o.ejected_until.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Feed outlier detection with how an attempt on `host` ended.
     pub fn report(&self, host: &Host, outcome: Outcome) {
         let Some(od) = &self.config.outlier else {
@@ -826,6 +852,18 @@ mod tests {
             .cloned();
         lb.report(&p2.expect("p2 host"), Outcome::Status(500));
         assert_eq!(share(&lb, "10.0.0.1", 50), 50);
+    }
+
+    #[test]
+    fn ejections_survive_a_new_snapshot() {
+        let eps = vec![at("10.0.0.1", 0, 0, 1), at("10.0.0.2", 1, 1, 1)];
+        let old = ClusterLb::new(ejecting(LbPolicy::RoundRobin), eps.clone());
+        old.report(&old.hosts[0], Outcome::Status(503));
+        let new = ClusterLb::new(ejecting(LbPolicy::RoundRobin), eps);
+        assert_eq!(share(&new, "10.0.0.1", 20), 20, "a fresh table knows nothing");
+        new.inherit_outlier_state(&old);
+        assert!(new.hosts[0].ejected());
+        assert_eq!(share(&new, "10.0.0.2", 20), 20, "still failed over");
     }
 
     #[test]

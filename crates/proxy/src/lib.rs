@@ -176,6 +176,9 @@ impl Shared {
     pub fn publish(&self, snapshot: Snapshot, complete: bool) {
         // Pooled connections to endpoints that left the config close (Envoy drains them).
         self.clients.forget_departed(&snapshot);
+        // Outlier ejections carry over (ones recorded between these two lines are lost:
+        // rare, and they recur).
+        snapshot.inherit_outlier_state(&self.snapshot.load());
         self.snapshot.store(Arc::new(snapshot));
         self.xds_responses.fetch_add(1, Ordering::Relaxed);
         if complete && !self.ready.swap(true, Ordering::SeqCst) {

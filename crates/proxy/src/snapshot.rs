@@ -200,6 +200,15 @@ impl Snapshot {
 
     /// The listener a `virtualOutbound` connection to `dst` belongs to: exact `IP_PORT`, else
     /// `0.0.0.0_PORT`.
+    /// Carry outlier detection's host state over from the snapshot this one replaces.
+    pub fn inherit_outlier_state(&self, old: &Snapshot) {
+        for (name, lb) in &self.clusters {
+            if let Some(prev) = old.clusters.get(name) {
+                lb.inherit_outlier_state(prev);
+            }
+        }
+    }
+
     pub fn listener_for_original_dst(&self, dst: SocketAddr) -> Option<&Arc<Listener>> {
         self.by_address.get(&dst).or_else(|| {
             let any = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), dst.port());
