@@ -60,7 +60,7 @@
 //! (`original_src`; the pilot does not emit it either), 127.0.0.6 as the
 //! inbound source, TCP metadata exchange (an inbound TCP connection's
 //! `source_workload` is unknown), an inbound request's `destination_service` from the inbound
-//! cluster's service metadata (taken from its authority instead), TCP byte counts while a
+//! cluster's service metadata (taken from the mesh SNI or the authority instead), TCP byte counts while a
 //! connection is open, `grpc_response_status` from trailers, body sizes without
 //! `content-length` (see [`metrics`]).
 
