@@ -860,7 +860,11 @@ mod tests {
         let old = ClusterLb::new(ejecting(LbPolicy::RoundRobin), eps.clone());
         old.report(&old.hosts[0], Outcome::Status(503));
         let new = ClusterLb::new(ejecting(LbPolicy::RoundRobin), eps);
-        assert_eq!(share(&new, "10.0.0.1", 20), 20, "a fresh table knows nothing");
+        assert_eq!(
+            share(&new, "10.0.0.1", 20),
+            20,
+            "a fresh table knows nothing"
+        );
         new.inherit_outlier_state(&old);
         assert!(new.hosts[0].ejected());
         assert_eq!(share(&new, "10.0.0.2", 20), 20, "still failed over");
