@@ -2249,6 +2249,53 @@ mod tests {
     }
 
     #[test]
+    fn priorities_and_locality_weights_are_kept_other_overprovisioning_is_not() {
+        use envoy_types::pb::google::protobuf::UInt32Value;
+        let lb = |ip: &str| ev3::LbEndpoint {
+            host_identifier: Some(ev3::lb_endpoint::HostIdentifier::Endpoint(ev3::Endpoint {
+                address: Some(core::Address {
+                    address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                        address: ip.into(),
+                        port_specifier: Some(core::socket_address::PortSpecifier::PortValue(80)),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let mut la = ev3::ClusterLoadAssignment {
+            cluster_name: "c".into(),
+            endpoints: vec![
+                ev3::LocalityLbEndpoints {
+                    lb_endpoints: vec![lb("10.0.0.1")],
+                    load_balancing_weight: Some(UInt32Value { value: 75 }),
+                    ..Default::default()
+                },
+                ev3::LocalityLbEndpoints {
+                    lb_endpoints: vec![lb("10.0.0.2")],
+                    priority: 1,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let eps = Endpoints::try_from(&la).expect("priorities are supported");
+        let got: Vec<(u32, u32, u32)> = eps
+            .endpoints
+            .iter()
+            .map(|e| (e.priority, e.locality, e.locality_weight))
+            .collect();
+        assert_eq!(got, vec![(0, 0, 75), (1, 1, 0)]);
+        la.policy = Some(ev3::cluster_load_assignment::Policy {
+            overprovisioning_factor: Some(UInt32Value { value: 200 }),
+            ..Default::default()
+        });
+        let e = Endpoints::try_from(&la).unwrap_err().to_string();
+        assert!(e.contains("policy.overprovisioning_factor") && e.contains("140"), "{e}");
+    }
+
+    #[test]
     fn endpoint_tls_mode_metadata_is_kept() {
         use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
         let md = core::Metadata {
