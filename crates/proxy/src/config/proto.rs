@@ -2292,7 +2292,10 @@ mod tests {
             ..Default::default()
         });
         let e = Endpoints::try_from(&la).unwrap_err().to_string();
-        assert!(e.contains("policy.overprovisioning_factor") && e.contains("140"), "{e}");
+        assert!(
+            e.contains("policy.overprovisioning_factor") && e.contains("140"),
+            "{e}"
+        );
     }
 
     #[test]
