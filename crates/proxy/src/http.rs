@@ -116,8 +116,26 @@ impl Clients {
     /// left EDS, or their cluster went away), as Envoy drains a removed host's pools: idle
     /// connections close now, busy ones when their request is done (HTTP/1) or their last
     /// stream ends (HTTP/2, once no sender is left). Called with every new snapshot; it
-    /// also keeps the pools' maps from growing with ORIGINAL_DST destinations.
+    /// also keeps the pools' maps from growing with ORIGINAL_DST destinations, and drops the
+    /// breaker counters of removed clusters once none of their units is held.
     pub fn forget_departed(&self, snap: &Snapshot) {
+        // Breaker counters of clusters that are gone, once nothing holds a unit of them.
+        let idle = |b: &Breakers| {
+            use std::sync::atomic::Ordering::Acquire;
+            b.connections.load(Acquire) == 0
+                && b.pending.load(Acquire) == 0
+                && b.requests.load(Acquire) == 0
+                && b.retries.load(Acquire) == 0
+        };
+        let stale = |name: &String, b: &Arc<Breakers>| !snap.clusters.contains_key(name) && idle(b);
+        if self.breakers.load().iter().any(|(n, b)| stale(n, b)) {
+            self.breakers.rcu(|m| {
+                m.iter()
+                    .filter(|(n, b)| !stale(n, b))
+                    .map(|(n, b)| (n.clone(), b.clone()))
+                    .collect::<HashMap<_, _>>()
+            });
+        }
         let (h1, h2) = (self.h1pool.hosts.load(), self.h2c.conns.load());
         if h1.is_empty() && h2.is_empty() {
             return;
@@ -2919,8 +2937,12 @@ mod tests {
             ..Default::default()
         };
         let fresh = H1Pool::default().host((addr, None, None));
-        assert!(pooled_get(&fresh, &breakers, &aged, addr, "/").await.is_ok());
-        assert!(pooled_get(&fresh, &breakers, &aged, addr, "/").await.is_ok());
+        assert!(pooled_get(&fresh, &breakers, &aged, addr, "/")
+            .await
+            .is_ok());
+        assert!(pooled_get(&fresh, &breakers, &aged, addr, "/")
+            .await
+            .is_ok());
         let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
         assert_eq!(n, 7, "every connection too old to reuse");
     }
@@ -2973,7 +2995,15 @@ mod tests {
             "c".into(),
             Arc::new(ClusterLb::new(cluster, vec![endpoint])),
         );
+        let _ = clients.breakers("c");
+        let _ = clients.breakers("gone");
         clients.forget_departed(&snap);
+        let names: Vec<String> = clients.breakers.load().keys().cloned().collect();
+        assert_eq!(
+            names,
+            ["c"],
+            "the breakers of a removed cluster are dropped"
+        );
         assert!(clients
             .h1pool
             .hosts
