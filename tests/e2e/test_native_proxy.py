@@ -28,26 +28,34 @@ from lib.netns import NetNS
 
 assert uid_dir  # a fixture, used by name below
 
-HTTPS_REDIRECT = """\
-# Gateway httpsRedirect (RDS require_tls) is not implemented by the native proxy yet: the route
-# configuration must be NACKed while everything else keeps working.
-apiVersion: networking.istio.io/v1
-kind: Gateway
+def p521_request_authentication() -> str:
+    """A RequestAuthentication on the gateway whose only key is P-521 (ES512): Envoy takes it,
+    the native proxy's verifier (ring) cannot, so it must NACK the listeners carrying it while
+    everything else keeps working."""
+    import base64
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    nums = ec.generate_private_key(ec.SECP521R1()).public_key().public_numbers()
+
+    def b64(n: int) -> str:
+        return base64.urlsafe_b64encode(n.to_bytes(66, "big")).rstrip(b"=").decode()
+    jwks = json.dumps({"keys": [{"kty": "EC", "crv": "P-521", "alg": "ES512", "kid": "p521",
+                                 "x": b64(nums.x), "y": b64(nums.y)}]})
+    return f"""\
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
 metadata:
-  name: redirect-gw
-  namespace: default
+  name: p521
+  namespace: istio-system
 spec:
   selector:
-    istio: ingressgateway
-  servers:
-  - port:
-      number: {{REDIRECT_PORT}}
-      name: http-redirect
-      protocol: HTTP
-    hosts:
-    - redirect-only.example.com
-    tls:
-      httpsRedirect: true
+    matchLabels:
+      istio: ingressgateway
+  jwtRules:
+  - issuer: p521.example.com
+    jwks: '{jwks}'
 """
 
 
@@ -116,31 +124,31 @@ def test_admin_logging_changes_levels_at_run_time(mesh: RouterMesh):
 
 def test_unsupported_feature_is_nacked_and_previous_config_keeps_serving(mesh: RouterMesh):
     node = mesh.proxy.node_id
-    port = free_port("0.0.0.0")
-    route = f"http.{port}"
     wait_acked(mesh.pilot, node)
-    rejected_before = mesh.proxy.stats()["mizzen.rds.update_rejected"]
-    mesh.pilot.write("https-redirect.yaml", HTTPS_REDIRECT.replace("{{REDIRECT_PORT}}", str(port)))
+    rejected_before = mesh.proxy.stats()["listener_manager.lds.update_rejected"]
+    listeners_before = mesh.proxy.dynamic_names()["listeners"]
+    mesh.pilot.write("p521.yaml", p521_request_authentication())
     try:
         def nacked():
             p = mesh.pilot.syncz_for(node)
-            nack = ((p or {}).get("resources") or {}).get(RDS, {}).get("nack")
-            return nack if nack and route in (nack.get("message") or "") else None
+            nack = ((p or {}).get("resources") or {}).get(LDS, {}).get("nack")
+            return nack if nack and "P-521" in (nack.get("message") or "") else None
         try:
-            nack = wait_until(nacked, 10, interval=0.2, what=f"RDS NACK naming {route}")
+            nack = wait_until(nacked, 10, interval=0.2, what="LDS NACK naming the P-521 key")
         except AssertionError as e:
             raise AssertionError(f"{e}\n/debug/syncz: {dump_json(mesh.pilot.syncz())}") from None
         msg = nack["message"]
-        assert "require_tls" in msg and "httpsRedirect" in msg, msg
-        assert mesh.proxy.stats()["mizzen.rds.update_rejected"] > rejected_before
-        assert route not in mesh.proxy.dynamic_names()["routes"]
+        # The reason names the listener, the filter and the field.
+        assert msg.startswith("listener ") and "http_filters[" in msg and "local_jwks.keys[0].crv" in msg, msg
+        assert mesh.proxy.stats()["listener_manager.lds.update_rejected"] > rejected_before
+        assert mesh.proxy.dynamic_names()["listeners"] == listeners_before
 
-        # Everything else keeps working on the config in force.
+        # Everything keeps working on the config in force (no token needed, as before).
         counts = Counter(mesh.gw.get("split.example.com", "/").headers.get("x-backend") for _ in range(50))
         assert set(counts) <= {"web-v1", "web-v2"} and sum(counts.values()) == 50, counts
         assert mesh.gw.backend("match.example.com", "/items/1") == "api-v2"
     finally:
-        mesh.pilot.delete("https-redirect.yaml")
+        mesh.pilot.delete("p521.yaml")
     # Once the pilot stops sending it, the next version is ACKed again.
     wait_acked(mesh.pilot, node, types=(CDS, LDS, RDS, EDS))
     assert mesh.gw.backend("split.example.com", "/") in ("web-v1", "web-v2")

@@ -80,8 +80,8 @@ def test_websocket_echo(mesh: RouterMesh):
     from websockets.sync.client import connect
 
     # The pilot allows WebSocket on the gateway's HTTP connection manager, as Istio does
-    # (Envoy refuses upgrades it is not configured for). Only Envoy's dump shows the HCM; the
-    # native proxy's lists names and addresses (and tunnels every Upgrade, see its crate doc).
+    # (both proxies refuse upgrades they are not configured for, test_routing.py checks that).
+    # Only Envoy's dump shows the HCM; the native proxy's lists names and addresses.
     if mesh.proxy_kind == "envoy":
         assert "websocket" in _upgrade_types(mesh)
 

@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from lib.pilot import CDS, RDS, dump_json
-from lib.procs import wait_until
+from lib.procs import free_port, wait_until
 from lib.router import API, CONFIGS, PROXY_KINDS, ROUTER_IP, WEB, RouterMesh, router_mesh, wait_acked
 from lib.traffic import constant_load, echo, summarize
 
@@ -311,6 +311,58 @@ def test_upgrades_only_as_configured(mesh: RouterMesh):
     assert r.status_code == 200, (r.status_code, r.text[:200])
     seen = {k.lower() for k in echo(r)["headers"]}
     assert not seen & {"upgrade", "http2-settings"}, seen
+
+
+HTTPS_REDIRECT = """\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: redirect-gw
+  namespace: default
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+  - port:
+      number: {port}
+      name: http-redirect
+      protocol: HTTP
+    hosts:
+    - redirect.example.com
+    tls:
+      httpsRedirect: true
+"""
+
+
+def test_gateway_https_redirect(mesh: RouterMesh):
+    """Gateway ``tls.httpsRedirect`` (RDS ``require_tls: ALL``): plain HTTP gets a 301 to the
+    same host and path over https; a gateway states the scheme itself (use_remote_address),
+    so a client's ``x-forwarded-proto: https`` does not get past it."""
+    port = free_port("0.0.0.0")
+    mesh.pilot.write("https-redirect.yaml", HTTPS_REDIRECT.format(port=port))
+    url = f"http://127.0.0.1:{port}/a/b?c=d"
+
+    def get(**headers):
+        return requests.get(url, headers={"Host": "Redirect.example.com", **headers}, allow_redirects=False,
+                            timeout=5)
+
+    def redirected():
+        try:
+            r = get()
+        except requests.RequestException:
+            return None
+        return r if r.status_code == 301 else None
+
+    try:
+        r = wait_until(redirected, 15, interval=0.2, what=f"a 301 from the redirect server on {port}",
+                       proc=mesh.proxy.proc)
+        assert r.headers["location"] == "https://Redirect.example.com/a/b?c=d", r.headers
+        assert r.content == b""
+        r = get(**{"X-Forwarded-Proto": "https"})
+        assert r.status_code == 301 and r.headers["location"].startswith("https://"), (r.status_code, r.headers)
+        assert mesh.proxy.rejected() == {}
+    finally:
+        mesh.pilot.delete("https-redirect.yaml")
 
 
 def test_mirror_sends_a_copy_to_v2(mesh: RouterMesh):

@@ -1035,10 +1035,17 @@ async fn route_request(
     let snap = ctx.shared.snapshot_full();
     // The route is resolved before the filters run (Envoy caches it for them); a request
     // without one still passes every filter and gets its 404 from the router.
-    let route = snap
+    let vh = snap
         .routes
         .get(&*ctx.route_key)
-        .and_then(|table| table.virtual_host(authority))
+        .and_then(|table| table.virtual_host(authority));
+    // `require_tls` (httpsRedirect) stands in for the route: Envoy's SSL-redirect route,
+    // answered by the router after the filters.
+    let ssl_redirect = vh.is_some_and(|vh| {
+        vh.require_tls && !forwarded_https(ctx.security.tls, ctx.use_remote_address, req.headers())
+    });
+    let route = vh
+        .filter(|_| !ssl_redirect)
         .and_then(|vh| vh.routes.iter().find(|r| route_matches(r, &req, authority)));
     // Upgrades are decided before any filter runs, as Envoy does when it builds the chain.
     if let Some(resp) = upgrade_filter(ctx, route, &mut req) {
@@ -1076,6 +1083,9 @@ async fn route_request(
             },
             HttpFilter::Router => break,
         }
+    }
+    if ssl_redirect {
+        return https_redirect(&req, authority);
     }
     let Some(route) = route else {
         out.flags.push("NR");
@@ -1309,6 +1319,39 @@ fn cors_filter(route: Option<&Route>, req: &Request<Incoming>) -> Cors {
         );
     }
     Cors::Headers(Some(h))
+}
+
+/// The scheme Envoy's router sees in `x-forwarded-proto` after the connection manager set it:
+/// the connection's own on an edge proxy, else the client's header, else the connection's.
+fn forwarded_https(tls: bool, use_remote_address: bool, h: &HeaderMap) -> bool {
+    if use_remote_address {
+        return tls;
+    }
+    match h.get(&X_FORWARDED_PROTO) {
+        Some(v) => v.as_bytes().eq_ignore_ascii_case(b"https"),
+        None => tls,
+    }
+}
+
+/// Envoy's SSL redirect: 301 to `https://` + the request's host (port kept) + path.
+fn https_redirect(req: &Request<Incoming>, authority: &str) -> Response<Body> {
+    // The host as the client wrote it (`authority` is lowercased for matching).
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or(authority);
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut resp = full_response(StatusCode::MOVED_PERMANENTLY, Bytes::new());
+    if let Ok(v) = HeaderValue::from_str(&format!("https://{host}{path}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
 }
 
 fn insert_str(h: &mut HeaderMap, name: HeaderName, value: &str) {
@@ -1883,8 +1926,11 @@ async fn forward(
     if !headers.contains_key(&X_REQUEST_ID) {
         headers.insert(X_REQUEST_ID.clone(), request_id());
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    // Envoy's connection manager: an edge proxy (use_remote_address) states the downstream
+    // connection's scheme, others fill it in only when the client did not.
+    if ctx.use_remote_address || !headers.contains_key(&X_FORWARDED_PROTO) {
+        let scheme = if ctx.security.tls { "https" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
     }
     crate::tls::apply_xfcc(&mut headers, &ctx.security);
     apply_request_ops(&mut headers, &route.headers);

@@ -56,9 +56,8 @@
 //! connections that a new network RBAC policy would deny (decided at accept only), the RBAC
 //! features listed in [`rbac`] (CEL conditions, the matcher API, ...), route matching on JWT
 //! claims (a route match's `dynamic_metadata`: VirtualService `@request.auth.claims`), jwt_authn's
-//! remote JWKS and the rest listed in [`jwt`], `httpsRedirect`, TPROXY's original source address towards the app
-//! (`original_src`; the pilot does not emit it either), 127.0.0.6 as the
-//! inbound source, TCP metadata exchange (an inbound TCP connection's
+//! remote JWKS and the rest listed in [`jwt`], `require_tls: EXTERNAL_ONLY` (`ALL`, Gateway `httpsRedirect`, is done), TPROXY's original source address towards the app
+//! (`original_src`; the pilot does not emit it either), TCP metadata exchange (an inbound TCP connection's
 //! `source_workload` is unknown), an inbound request's `destination_service` from the inbound
 //! cluster's service metadata (taken from the mesh SNI or the authority instead), TCP byte counts while a
 //! connection is open, `grpc_response_status` from trailers, body sizes without

@@ -260,6 +260,7 @@ mod tests {
             name: name.into(),
             domains: domains.iter().map(|d| d.to_string()).collect(),
             routes: Vec::new(),
+            require_tls: false,
         }
     }
 

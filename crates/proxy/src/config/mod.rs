@@ -192,6 +192,9 @@ pub struct VirtualHost {
     pub name: String,
     pub domains: Vec<String>,
     pub routes: Vec<Route>,
+    /// `require_tls: ALL` (Gateway `tls.httpsRedirect`): a request whose forwarded scheme is
+    /// not https gets Envoy's 301 to `https://<host><path>` instead of a route.
+    pub require_tls: bool,
 }
 
 #[derive(Clone, Debug)]

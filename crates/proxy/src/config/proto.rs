@@ -515,12 +515,17 @@ fn route_config(rc: &rv3::RouteConfiguration) -> FResult<RouteConfig> {
 }
 
 fn virtual_host(vh: &rv3::VirtualHost) -> FResult<VirtualHost> {
-    if vh.require_tls != rv3::virtual_host::TlsRequirementType::None as i32 {
-        return bad(
-            "require_tls",
-            "TLS redirects (httpsRedirect) are not supported yet",
-        );
-    }
+    use rv3::virtual_host::TlsRequirementType;
+    let require_tls = match TlsRequirementType::try_from(vh.require_tls) {
+        Ok(TlsRequirementType::None) => false,
+        Ok(TlsRequirementType::All) => true,
+        // Envoy's EXTERNAL_ONLY trusts `x-envoy-internal`, which this proxy never sets; the
+        // pilot emits ALL (httpsRedirect) only.
+        Ok(TlsRequirementType::ExternalOnly) => {
+            return bad("require_tls", "EXTERNAL_ONLY is not supported (only ALL)")
+        }
+        Err(_) => return bad("require_tls", format!("unknown value {}", vh.require_tls)),
+    };
     if !vh.typed_per_filter_config.is_empty() {
         return bad(
             "typed_per_filter_config",
@@ -544,6 +549,7 @@ fn virtual_host(vh: &rv3::VirtualHost) -> FResult<VirtualHost> {
         name: vh.name.clone(),
         domains: vh.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
         routes,
+        require_tls,
     })
 }
 
