@@ -76,13 +76,18 @@ def children(pid):
     return out
 
 
-def cpu_secs(pid):
+def cpu_split(pid):
+    """(user, kernel) CPU seconds of the process so far."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             rest = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(rest[11]) + int(rest[12])) / CLK_TCK  # utime + stime
+        return (0.0, 0.0)
+    return (int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK)  # utime, stime
+
+
+def cpu_secs(pid):
+    return sum(cpu_split(pid))
 
 
 def mem(pid):
@@ -134,6 +139,9 @@ class Proc:
 
     def cpu(self):
         return sum(cpu_secs(p) for p in self.measured_pids())
+
+    def cpu_kernel(self):
+        return sum(cpu_split(p)[1] for p in self.measured_pids())
 
     def mem(self):
         ms = [mem(p) for p in self.measured_pids()]
@@ -313,10 +321,14 @@ def parse_oha(j):
 
 def measure(args, system, proc, url, rate, duration, http2=False):
     c0 = proc.cpu() if proc else 0.0
+    k0 = proc.cpu_kernel() if proc else 0.0
     r = oha(args, url, rate, duration, http2)
     c1 = proc.cpu() if proc else 0.0
+    k1 = proc.cpu_kernel() if proc else 0.0
     r["cpu_ms"] = (c1 - c0) * 1000
     r["cpu_ms_per_1000"] = r["cpu_ms"] / max(r["ok"], 1) * 1000 if proc else None
+    # The kernel's share (socket reads and writes, wake-ups): what no user-space saving removes.
+    r["cpu_kernel_ms_per_1000"] = (k1 - k0) * 1e6 / max(r["ok"], 1) if proc else None
     r["load"] = loadavg()
     log(f"{system:7} {'h2' if http2 else 'h1'} rate={rate or 'max':>5}: {r['rps']:8.0f} rps  "
         f"p50={r['p50_us']:7.0f}us p90={r['p90_us']:7.0f}us p99={r['p99_us']:7.0f}us  "
@@ -695,8 +707,8 @@ def report(res):
         keys = [k for k in kind[0]["direct"].keys() if k != "max"]
         for key in keys:
             lines.append(f"\n#### {label}, fixed {key} rps\n")
-            lines.append("| system | p50 µs | p90 µs | p99 µs | added p50 µs | added p90 µs | CPU ms / 1000 req | spread p50 / CPU |")
-            lines.append("|---|---|---|---|---|---|---|---|")
+            lines.append("| system | p50 µs | p90 µs | p99 µs | added p50 µs | added p90 µs | CPU ms / 1000 req | of which kernel | spread p50 / CPU |")
+            lines.append("|---|---|---|---|---|---|---|---|---|")
             d50, d90 = med(series(kind, "direct", key, "p50_us")), med(series(kind, "direct", key, "p90_us"))
             added = {}
             for s in SYSTEMS:
@@ -704,8 +716,10 @@ def report(res):
                 cpu = med(series(kind, s, key, "cpu_ms_per_1000"))
                 added[s] = (None if s == "direct" else p50 - d50, None if s == "direct" else p90 - d90, cpu)
                 sp = f"{cell(spread(series(kind, s, key, 'p50_us')))}% / {cell(spread(series(kind, s, key, 'cpu_ms_per_1000')))}%"
+                kern = [r[s][key].get("cpu_kernel_ms_per_1000") for r in kind if s in r and key in r[s]]
+                kern = [x for x in kern if x is not None]
                 lines.append(f"| {s} | {cell(p50)} | {cell(p90)} | {cell(p99)} | {cell(added[s][0])} | "
-                             f"{cell(added[s][1])} | {cell(cpu, 1)} | {sp} |")
+                             f"{cell(added[s][1])} | {cell(cpu, 1)} | {cell(med(kern) if kern else None, 1)} | {sp} |")
             e, z = added["envoy"], added["mizzen"]
             lines.append(f"\nMizzen / Envoy: added p50 {ratio(z[0], e[0])}, added p90 {ratio(z[1], e[1])}, "
                          f"CPU per request {ratio(z[2], e[2])} (bar: ≤ 0.50×). "
