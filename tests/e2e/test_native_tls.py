@@ -773,6 +773,32 @@ def test_native_rotates_its_certificate_without_dropping_requests(interop):
     assert codes and all(c == 200 for c in codes), codes
 
 
+def test_native_proxy_is_not_ready_without_its_certificate(interop, tmp_path):
+    """Readiness waits for the workload certificate as well as the config (Envoy's listeners
+    warm until their SDS secret arrives): a proxy whose CSR the CA refuses (its token names
+    another service account) gets its whole config over xDS and still answers 503 on
+    /healthz/ready, so no traffic is sent to a sidecar that cannot do mesh mTLS yet."""
+    m = interop
+    os.chmod(tmp_path, 0o755)
+    token = m.pilot.token("someone-else", tmp_path / "someone-else.token")
+    lost = NativeProxy(m.native.mizzen_bin, "router", m.pilot.secure_address, "lost", "default", "127.0.0.1",
+                       {"app": "lost"}, tmp_path,
+                       extra_args=["--service-account", "lost", "--ca-address", m.pilot.secure_address,
+                                   "--token-file", str(token), "--root-cert", str(m.pilot.ca_dir / "root-cert.pem")])
+    lost.start(wait_ready=False)
+    try:
+        # Its config is complete (over the TLS port, which needs no client certificate) ...
+        wait_until(lambda: "first complete config" in lost.proc.log_text() or None, 15, interval=0.3,
+                   what="the proxy's complete config", proc=lost.proc)
+        wait_until(lambda: "workload certificate request failed" in lost.proc.log_text() or None, 15,
+                   interval=0.3, what="the CA refusing the CSR in the proxy's log", proc=lost.proc)
+        # ... yet it is not ready without its certificate.
+        assert lost.get(lost.status_port, "/healthz/ready").status_code == 503
+        assert m.native.ready()  # the one with its own token is
+    finally:
+        lost.stop()
+
+
 def test_strict_peer_authentication_refuses_plaintext_at_the_native_sidecar(interop):
     m = interop
     m.pilot.write("strict.yaml", """

@@ -129,6 +129,8 @@ pub struct ProxyOptions {
 pub struct Shared {
     snapshot: ArcSwap<Snapshot>,
     ready: AtomicBool,
+    /// The proxy fetches a workload certificate (readiness waits for it).
+    needs_identity: AtomicBool,
     xds_connected: AtomicBool,
     xds_responses: AtomicU64,
     /// Open downstream HTTP connections: drain waits for them to finish their last response.
@@ -148,6 +150,7 @@ impl Shared {
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             ready: AtomicBool::new(false),
+            needs_identity: AtomicBool::new(false),
             xds_connected: AtomicBool::new(false),
             xds_responses: AtomicU64::new(0),
             http_connections: AtomicU64::new(0),
@@ -186,8 +189,13 @@ impl Shared {
         self.generation.send_modify(|g| *g += 1);
     }
 
+    /// Ready once the first complete config arrived and, for a proxy with a mesh identity, its
+    /// workload certificate too: Envoy's listeners warm until their SDS secret arrives, and a
+    /// sidecar without its certificate would fail every mesh mTLS handshake.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
+            && (!self.needs_identity.load(Ordering::Relaxed)
+                || secrets::store().workload().is_some())
     }
 
     pub fn set_xds_connected(&self, v: bool) {
@@ -252,6 +260,9 @@ pub async fn run(
     let shared = Shared::new(opts.reporter);
     // Our side of Istio's metric labels and of the metadata exchange.
     shared.metrics.set_local(&opts.node);
+    shared
+        .needs_identity
+        .store(opts.identity.is_some(), Ordering::Relaxed);
     let identity_task = opts
         .identity
         .clone()

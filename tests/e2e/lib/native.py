@@ -51,13 +51,15 @@ class NativeProxy:
             prefix += ["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups"]
         return prefix + a + self.extra_args
 
-    def start(self, ready_timeout: float = 30.0) -> "NativeProxy":
+    def start(self, ready_timeout: float = 30.0, wait_ready: bool = True) -> "NativeProxy":
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.setdefault("RUST_BACKTRACE", "1")
         # Access-log lines (response flags per request id) are debug events of target access_log.
         env.setdefault("RUST_LOG", "info,access_log=debug")
         self.proc = Proc(self.name, self.argv(), self.workdir / f"{self.name}.log", env=env, cwd=self.workdir)
+        if not wait_ready:
+            return self
         try:
             wait_until(self.ready, ready_timeout,
                        what=f"{self.name} GET :{self.status_port}/healthz/ready = 200", proc=self.proc)
