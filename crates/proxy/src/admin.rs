@@ -6,7 +6,8 @@
 //!   levels; POST `?level=L` sets them all, `?<logger>=L` one, through the binary's
 //!   [`LogControl`]);
 //! - status on STATUS (15021): `/healthz/ready`, 200 only once the first complete config
-//!   (CDS, LDS and the EDS/RDS they reference) has arrived;
+//!   (CDS, LDS and the EDS/RDS they reference) has arrived and, for a proxy with a mesh
+//!   identity, its workload certificate;
 //! - Prometheus on STATS (15090): `/stats/prometheus`.
 
 use crate::config::{DiscoveryKind, LbPolicy, NetworkFilter, RouteSource};
