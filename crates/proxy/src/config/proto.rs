@@ -38,12 +38,12 @@ pub struct ConvertError {
 
 /// Errors built inside a resource before its name is attached.
 #[derive(Debug)]
-struct FieldError {
-    field: String,
-    reason: String,
+pub(crate) struct FieldError {
+    pub(crate) field: String,
+    pub(crate) reason: String,
 }
 
-type FResult<T> = Result<T, FieldError>;
+pub(crate) type FResult<T> = Result<T, FieldError>;
 
 fn bad<T>(field: impl Into<String>, reason: impl Into<String>) -> FResult<T> {
     Err(FieldError {
@@ -660,7 +660,8 @@ fn header_ops(
     })
 }
 
-fn string_match(field: &str, m: &matcher::StringMatcher) -> FResult<StringMatch> {
+/// Envoy's `StringMatcher`; shared by route matches and the RBAC filters.
+pub(crate) fn string_match(field: &str, m: &matcher::StringMatcher) -> FResult<StringMatch> {
     use matcher::string_matcher::MatchPattern as P;
     let ic = m.ignore_case;
     Ok(match &m.match_pattern {
@@ -681,7 +682,50 @@ fn string_match(field: &str, m: &matcher::StringMatcher) -> FResult<StringMatch>
             ignore_case: ic,
         },
         Some(P::SafeRegex(r)) => StringMatch::Regex(regex(field, &r.regex)?),
-        _ => return bad(field, "unsupported string matcher"),
+        Some(P::Custom(_)) => return bad(field, "custom string matchers are not supported"),
+        None => return bad(field, "missing match_pattern"),
+    })
+}
+
+/// Envoy's `HeaderMatcher` (the deprecated direct forms included); shared by route matches
+/// and the RBAC filters.
+pub(crate) fn header_match(field: &str, h: &rv3::HeaderMatcher) -> FResult<HeaderMatch> {
+    use rv3::header_matcher::HeaderMatchSpecifier as H;
+    let plain = |v: &String, make: fn(String) -> StringMatch| ValueMatch::String(make(v.clone()));
+    #[allow(deprecated)]
+    let value = match &h.header_match_specifier {
+        Some(H::PresentMatch(p)) => ValueMatch::Present(*p),
+        Some(H::StringMatch(s)) => {
+            ValueMatch::String(string_match(&format!("{field}.string_match"), s)?)
+        }
+        Some(H::ExactMatch(v)) => plain(v, |value| StringMatch::Exact {
+            value,
+            ignore_case: false,
+        }),
+        Some(H::PrefixMatch(v)) => plain(v, |value| StringMatch::Prefix {
+            value,
+            ignore_case: false,
+        }),
+        Some(H::SuffixMatch(v)) => plain(v, |value| StringMatch::Suffix {
+            value,
+            ignore_case: false,
+        }),
+        Some(H::ContainsMatch(v)) => plain(v, |value| StringMatch::Contains {
+            value,
+            ignore_case: false,
+        }),
+        Some(H::SafeRegexMatch(r)) => {
+            ValueMatch::String(StringMatch::Regex(regex(field, &r.regex)?))
+        }
+        Some(H::RangeMatch(_)) => return bad(format!("{field}.range_match"), "not supported"),
+        // Envoy: no specifier matches any request that has the header.
+        None => ValueMatch::Present(true),
+    };
+    Ok(HeaderMatch {
+        name: h.name.to_ascii_lowercase(),
+        value,
+        invert: h.invert_match,
+        treat_missing_as_empty: h.treat_missing_header_as_empty,
     })
 }
 
@@ -715,19 +759,7 @@ fn route_match(m: Option<&rv3::RouteMatch>) -> FResult<RouteMatch> {
     };
     let mut headers = Vec::new();
     for (i, h) in m.headers.iter().enumerate() {
-        use rv3::header_matcher::HeaderMatchSpecifier as H;
-        let field = format!("headers[{i}]");
-        let value = match &h.header_match_specifier {
-            Some(H::PresentMatch(p)) => ValueMatch::Present(*p),
-            Some(H::StringMatch(s)) => ValueMatch::String(string_match(&field, s)?),
-            _ => return bad(field, "unsupported header match"),
-        };
-        headers.push(HeaderMatch {
-            name: h.name.to_ascii_lowercase(),
-            value,
-            invert: h.invert_match,
-            treat_missing_as_empty: h.treat_missing_header_as_empty,
-        });
+        headers.push(header_match(&format!("headers[{i}]"), h)?);
     }
     let mut query = Vec::new();
     for (i, q) in m.query_parameters.iter().enumerate() {

@@ -4,7 +4,7 @@
 use super::*;
 use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::rbac::v3 as pb;
-use envoy_types::pb::envoy::config::route::v3::{header_matcher, HeaderMatcher};
+use envoy_types::pb::envoy::config::route::v3::HeaderMatcher;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbacProto;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::{
     rbac::EnforcementType, Rbac as NetworkRbacProto,
@@ -21,6 +21,15 @@ pub struct RbacError {
 }
 
 type R<T> = Result<T, RbacError>;
+
+impl From<crate::config::proto::FieldError> for RbacError {
+    fn from(e: crate::config::proto::FieldError) -> Self {
+        RbacError {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
 
 fn bad<T>(field: impl Into<String>, reason: impl Into<String>) -> R<T> {
     Err(RbacError {
@@ -281,72 +290,11 @@ fn path(field: &str, m: &matcher::PathMatcher) -> R<StringMatch> {
 }
 
 pub fn string_match(field: &str, m: &matcher::StringMatcher) -> R<StringMatch> {
-    use matcher::string_matcher::MatchPattern as P;
-    let ic = m.ignore_case;
-    Ok(match &m.match_pattern {
-        Some(P::Exact(v)) => StringMatch::Exact {
-            value: v.clone(),
-            ignore_case: ic,
-        },
-        Some(P::Prefix(v)) => StringMatch::Prefix {
-            value: v.clone(),
-            ignore_case: ic,
-        },
-        Some(P::Suffix(v)) => StringMatch::Suffix {
-            value: v.clone(),
-            ignore_case: ic,
-        },
-        Some(P::Contains(v)) => StringMatch::Contains {
-            value: v.clone(),
-            ignore_case: ic,
-        },
-        Some(P::SafeRegex(r)) => StringMatch::Regex(
-            crate::config::FullRegex::new(&r.regex)
-                .or_else(|e| bad(field, format!("invalid regex {:?}: {e}", r.regex)))?,
-        ),
-        Some(P::Custom(_)) => return bad(field, "custom string matchers are not supported"),
-        None => return bad(field, "missing match_pattern"),
-    })
+    Ok(crate::config::proto::string_match(field, m)?)
 }
 
 fn header(field: &str, h: &HeaderMatcher) -> R<HeaderMatch> {
-    use header_matcher::HeaderMatchSpecifier as H;
-    #[allow(deprecated)]
-    let value = match &h.header_match_specifier {
-        Some(H::PresentMatch(p)) => ValueMatch::Present(*p),
-        Some(H::StringMatch(s)) => {
-            ValueMatch::String(string_match(&format!("{field}.string_match"), s)?)
-        }
-        Some(H::ExactMatch(v)) => ValueMatch::String(StringMatch::Exact {
-            value: v.clone(),
-            ignore_case: false,
-        }),
-        Some(H::PrefixMatch(v)) => ValueMatch::String(StringMatch::Prefix {
-            value: v.clone(),
-            ignore_case: false,
-        }),
-        Some(H::SuffixMatch(v)) => ValueMatch::String(StringMatch::Suffix {
-            value: v.clone(),
-            ignore_case: false,
-        }),
-        Some(H::ContainsMatch(v)) => ValueMatch::String(StringMatch::Contains {
-            value: v.clone(),
-            ignore_case: false,
-        }),
-        Some(H::SafeRegexMatch(r)) => ValueMatch::String(StringMatch::Regex(
-            crate::config::FullRegex::new(&r.regex)
-                .or_else(|e| bad(field, format!("invalid regex {:?}: {e}", r.regex)))?,
-        )),
-        Some(H::RangeMatch(_)) => return bad(format!("{field}.range_match"), "not supported"),
-        // Envoy: no specifier matches any request that has the header.
-        None => ValueMatch::Present(true),
-    };
-    Ok(HeaderMatch {
-        name: h.name.to_ascii_lowercase(),
-        value,
-        invert: h.invert_match,
-        treat_missing_as_empty: h.treat_missing_header_as_empty,
-    })
+    Ok(crate::config::proto::header_match(field, h)?)
 }
 
 fn metadata(field: &str, m: &matcher::MetadataMatcher) -> R<MetadataMatch> {
