@@ -176,8 +176,9 @@ class Nginx(Proc):
 
 
 # ------------------------------------------------------------------------------------- setup
-def nginx_conf(workdir, name, body_port, h2_port=None, upstream=None):
-    """worker_processes 1: one core, like the proxies' single worker."""
+def nginx_conf(workdir, name, body_port, h2_port=None, upstream=None, access_log=False):
+    """worker_processes 1: one core, like the proxies' single worker. `access_log`: the proxying
+    nginx writes a line per request to a file, as the meshes' proxies then do to stdout."""
     d = os.path.join(workdir, name)
     os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
     if upstream is None:
@@ -187,6 +188,7 @@ def nginx_conf(workdir, name, body_port, h2_port=None, upstream=None):
                     "proxy_set_header Connection \"\"; proxy_buffering on;")
     ups = "" if upstream is None else f"upstream be {{ server 127.0.0.1:{upstream}; keepalive 128; keepalive_requests 1000000; }}"
     h2 = "" if h2_port is None else f"listen 127.0.0.1:{h2_port} http2;"
+    alog = f"access_log {d}/access.log;" if access_log else "access_log off;"
     conf = f"""
 worker_processes 1;
 daemon off;
@@ -195,7 +197,7 @@ pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{ worker_connections 8192; }}
 http {{
-  access_log off;
+  {alog}
   client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
   uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
   keepalive_requests 1000000; keepalive_timeout 300s;
@@ -281,7 +283,11 @@ def start_proxy(args, system, kind, pilot, workdir, labels, pod, namespace, ip, 
 
 
 def pilot_extra(args):
-    """Access logs off for every proxy (Istio's default profile: meshConfig.accessLogFile "")."""
+    """Access logs off for every proxy (Istio's default profile: meshConfig.accessLogFile ""),
+    or, with --access-logs, a line per request to each proxy's stdout (the demo profile's
+    /dev/stdout, the pilot's default; stdout is the proxy's log file under the workdir)."""
+    if args.access_logs:
+        return ["--access-log-file", "/dev/stdout"]
     help_text = subprocess.run([args.mizzen, "pilot", "--help"], capture_output=True, text=True).stdout
     if "--access-log-file" in help_text:
         return ["--access-log-file", ""]
@@ -349,6 +355,9 @@ def main():
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--services", type=int, default=1000)
     ap.add_argument("--no-http2", action="store_true")
+    ap.add_argument("--access-logs", action="store_true",
+                    help="one-hop proxies write an access log line per request (Istio's demo profile); "
+                         "default off (Istio's default profile)")
     ap.add_argument("--two-hop", default="plain",
                     help="two-hop sidecar path through `mizzen local`: plain, mtls, plain,mtls or none")
     ap.add_argument("--out", required=True)
@@ -380,7 +389,8 @@ def main():
                         workdir, cpu=0)
         procs.append(backend)
         nginx = Nginx("nginx-proxy", [args.nginx, "-c", nginx_conf(workdir, "nginx-proxy", nport, nport_h2,
-                                                                  upstream=bport)], workdir, cpu=0)
+                                                                  upstream=bport,
+                                                                  access_log=args.access_logs)], workdir, cpu=0)
         procs.append(nginx)
         cfg = os.path.join(workdir, "config")
         mesh_config(cfg, bport, eport, mport)
@@ -696,7 +706,9 @@ def report(res):
     m = res["machine"]
     lines.append(f"Machine: {m['cpus']} CPUs ({m['model']}), kernel {m['kernel']}, load before {m['load_before']}, "
                  f"{m['time']}. {len(runs)} interleaved runs of {a['duration']} s, {a['conns']} connections, "
-                 "1 KiB responses, HTTP/1.1 keep-alive; medians, spread = (max-min)/median.\n")
+                 "1 KiB responses, HTTP/1.1 keep-alive; one-hop access logs "
+                 f"{'on (a line per request, every proxy)' if a.get('access_logs') else 'off'}; "
+                 "medians, spread = (max-min)/median.\n")
 
     def series(kind, s, key, field):
         return [r[s][key][field] for r in kind if s in r and key in r[s]]

@@ -8,8 +8,9 @@
 #   RUNS=1 DURATION=3 SERVICES=0 bench/proxy/run.sh  # a quick look
 #
 # Environment: RUNS (3), DURATION (10 s), RATES ("1000,5000"), CONNS (64), SERVICES (1000; 0
-# skips the big-config RSS figure), NO_HTTP2=1, NO_BUILD=1, BENCH_NETNS=0 (stay in the host
-# network namespace). Do not run it while something else (a build) loads the machine: the
+# skips the big-config RSS figure), TWO_HOP (plain, mtls, plain,mtls, none), NO_HTTP2=1,
+# ACCESS_LOGS=1 (one-hop proxies log a line per request, as Istio's demo profile; default off,
+# as its default profile), NO_BUILD=1, BENCH_NETNS=0 (stay in the host network namespace). Do not run it while something else (a build) loads the machine: the
 # report prints the load average it started with.
 #
 # It only ever signals processes it started, by PID, and every wait is bounded.
@@ -54,6 +55,7 @@ ARGS=(--mizzen "$MIZZEN" --envoy "$ENVOY" --oha "$OHA" --nginx "$NGINX"
       --runs "${RUNS:-3}" --duration "${DURATION:-10}" --rates "${RATES:-1000,5000}"
       --conns "${CONNS:-64}" --services "${SERVICES:-1000}" --two-hop "${TWO_HOP:-plain}" --out "$OUT")
 [[ "${NO_HTTP2:-}" == 1 ]] && ARGS+=(--no-http2)
+[[ "${ACCESS_LOGS:-}" == 1 ]] && ARGS+=(--access-logs)
 if [[ "${BENCH_NETNS:-1}" == 1 && "$(id -u)" == 0 ]] && unshare -n true 2>/dev/null; then
   # One-hop figures on a loopback nobody else uses (the Envoy and Mizzen listeners cannot
   # collide with anything on the machine) ...
