@@ -159,27 +159,22 @@ class Backend:
 
 def port_free_on_all(hosts: list[str], attempts: int = 50) -> int:
     """A port number that can be bound on every one of ``hosts`` (for a Service whose Pods
-    all share one targetPort but have distinct IPs)."""
+    all share one targetPort but have distinct IPs). Picked by lib.procs, below the kernel's
+    ephemeral range and never handed out twice in a run, for the reasons given there."""
+    from lib.procs import free_ports  # tests only; running this file as a backend needs none of it
+
     for _ in range(attempts):
-        first = socket.socket()
-        try:
-            first.bind((hosts[0], 0))
-            port = first.getsockname()[1]
-            ok = True
-            for h in hosts[1:]:
-                s = socket.socket()
+        port = free_ports(1, hosts[0])[0]
+        ok = True
+        for h in hosts[1:]:
+            with socket.socket() as s:
                 try:
                     s.bind((h, port))
                 except OSError:
                     ok = False
-                finally:
-                    s.close()
-                if not ok:
                     break
-            if ok:
-                return port
-        finally:
-            first.close()
+        if ok:
+            return port
     raise RuntimeError(f"no port free on all of {hosts}")
 
 
