@@ -19,11 +19,11 @@ import uuid
 import pytest
 
 from backend import port_free_on_all
-from lib.procs import wait_until
+from lib.procs import free_port, wait_until
 from lib.protocols import (MIXED_CASE_REPLY, GrpcEchoBackend, H2Backend, RawHttpBackend, WsEchoBackend,
                            http_exchange)
-from lib.router import CONFIGS, PROXY_KINDS, RouterMesh, render, router_mesh
-from lib.traffic import echo
+from lib.router import CONFIGS, PROXY_KINDS, RouterMesh, render, router_mesh, start_proxy, wait_acked
+from lib.traffic import Gateway, echo
 
 RAW_IP, WS_IP, GRPC_IP, H2_IP = "127.0.0.17", "127.0.0.18", "127.0.0.19", "127.0.0.20"
 
@@ -42,11 +42,15 @@ def mesh(request, mizzen_bin, envoy_bin, tmp_path_factory):
         started.append(grpc_be)
         h2_be = H2Backend("h2", H2_IP).start()
         started.append(h2_be)
-        values = {"RAW_IP": RAW_IP, "RAW_PORT": raw.port, "CLOSED_PORT": port_free_on_all([RAW_IP]), "WS_IP": WS_IP, "WS_PORT": ws.port,
+        case_port = free_port("0.0.0.0")
+        values = {"CASE_GATEWAY_PORT": case_port, "RAW_IP": RAW_IP, "RAW_PORT": raw.port, "CLOSED_PORT": port_free_on_all([RAW_IP]), "WS_IP": WS_IP, "WS_PORT": ws.port,
                   "GRPC_IP": GRPC_IP, "GRPC_PORT": grpc_be.port, "H2_IP": H2_IP, "H2_PORT": h2_be.port}
         extra = {"protocols.yaml": render(CONFIGS / "protocols" / "protocols.yaml.tmpl", values)}
         with router_mesh(kind, "delta", mizzen_bin, envoy_bin, workdir, extra_files=extra) as m:
             m.raw, m.ws, m.grpc, m.h2 = raw, ws, grpc_be, h2_be
+            m.case_gateway_port = case_port
+            m.envoy_bin = envoy_bin
+            m.workdir = workdir
             wait_until(lambda: m.gw.get("raw.example.com", "/", timeout=2).headers.get("x-backend") == "raw", 15,
                        what="raw.example.com routed", proc=m.proxy.proc)
             yield m
@@ -181,23 +185,48 @@ def test_expect_100_continue(mesh: RouterMesh):
     assert "expect" not in got[0]["headers"], got[0]["headers"]
 
 
-def test_header_case_on_the_wire(mesh: RouterMesh):
-    """The native proxy keeps header names as written on HTTP/1 hops, both ways (hyper's
-    preserve_header_case). Envoy 1.40 as Istio configures it lowercases them (no
-    header_key_format on the HCM or cluster): checked too, so the difference is deliberate."""
+def _case_exchange(mesh: RouterMesh, port: int) -> tuple[list[str], list[str]]:
+    """One HTTP/1.1 request with ``X-Custom-Header`` to raw.example.com through the gateway
+    on ``port``: the header names the backend got, and those of the reply the client got."""
     tag = uuid.uuid4().hex
-    raw = http_exchange(mesh.gateway_port, f"GET /case/{tag} HTTP/1.1\r\nHost: raw.example.com\r\n"
-                                           f"X-Custom-Header: a\r\nConnection: close\r\n\r\n".encode())
+    raw = http_exchange(port, f"GET /case/{tag} HTTP/1.1\r\nHost: raw.example.com\r\n"
+                              f"X-Custom-Header: a\r\nConnection: close\r\n\r\n".encode())
     head = raw.split(b"\r\n\r\n", 1)[0].decode()
-    names = [ln.split(":", 1)[0] for ln in head.split("\r\n")[1:]]
+    assert head.startswith("HTTP/1.1 200"), head
     got = [r for r in mesh.raw.requests if r["path"] == f"/case/{tag}"]
-    assert len(got) == 1
-    if mesh.proxy_kind == "native":
-        assert "X-Custom-Header" in got[0]["header_names"], got[0]["header_names"]
-        assert MIXED_CASE_REPLY in names, names
-    else:
-        assert "x-custom-header" in got[0]["header_names"], got[0]["header_names"]
-        assert MIXED_CASE_REPLY.lower() in names, names
+    assert len(got) == 1, got
+    return got[0]["header_names"], [ln.split(":", 1)[0] for ln in head.split("\r\n")[1:]]
+
+
+def test_header_case_on_the_wire(mesh: RouterMesh, mizzen_bin):
+    """HTTP/1 header names, both ways. By default both proxies lowercase them (Envoy 1.40
+    as Istio configures it: no header_key_format). A gateway whose pod ProxyConfig says
+    proxyHeaders.preserveHttp1HeaderCase (the injector's PROXY_CONFIG, which the agent puts
+    in the node metadata) keeps them as written: the pilot sets Envoy's preserve_case
+    formatter on its HCM and its HTTP clusters, which Envoy takes without a NACK."""
+    to_backend, to_client = _case_exchange(mesh, mesh.gateway_port)
+    assert "x-custom-header" in to_backend and "X-Custom-Header" not in to_backend, to_backend
+    assert MIXED_CASE_REPLY.lower() in to_client and MIXED_CASE_REPLY not in to_client, to_client
+
+    case_gw = start_proxy(mesh.proxy_kind, mizzen_bin, mesh.envoy_bin, "router", mesh.pilot.xds_address,
+                          pod_name="case-gw-0", namespace="istio-system", ip="127.0.0.101",
+                          labels={"istio": "casegateway"}, workdir=mesh.workdir,
+                          env={"PROXY_CONFIG": json.dumps({"proxyHeaders": {"preserveHttp1HeaderCase": True}})})
+    gw = Gateway(mesh.case_gateway_port)
+    try:
+        wait_until(lambda: gw.get("raw.example.com", "/", timeout=2).headers.get("x-backend") == "raw",
+                   15, what="raw.example.com routed by the case gateway", proc=case_gw.proc)
+        wait_acked(mesh.pilot, case_gw.node_id)
+        to_backend, to_client = _case_exchange(mesh, mesh.case_gateway_port)
+        assert "X-Custom-Header" in to_backend, to_backend
+        assert MIXED_CASE_REPLY in to_client, to_client
+        if mesh.proxy_kind == "envoy":
+            case_gw.assert_no_rejected_updates()
+        else:
+            assert case_gw.rejected() == {}
+    finally:
+        gw.close()
+        case_gw.stop()
 
 
 # ------------------------------------------------------------------------------ HTTP/2, gRPC

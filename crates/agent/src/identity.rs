@@ -49,6 +49,8 @@ pub enum IdentityError {
     BadDiscoveryAddress(String),
     #[error("{field} {value:?} must not be empty or contain '~' or '.'")]
     BadName { field: &'static str, value: String },
+    #[error("PROXY_CONFIG is not a ProxyConfig as a JSON object: {0}")]
+    BadProxyConfig(String),
 }
 
 /// `sidecar` (an application's proxy) or `router` (a gateway), the first node id field.
@@ -284,10 +286,23 @@ impl Identity {
 
         // Keys we compute win over a stray ISTIO_META_ of the same name: the node id and the
         // metadata must never disagree about who this proxy is.
-        let extra_metadata = env_meta
+        let mut extra_metadata: BTreeMap<String, String> = env_meta
             .into_iter()
             .filter(|(k, _)| !RESERVED_KEYS.contains(&k.as_str()))
             .collect();
+        // The pod's ProxyConfig, which Istio's injector writes as JSON into PROXY_CONFIG (from
+        // the proxy.istio.io/config annotation); the agent hands it to istiod as the node
+        // metadata PROXY_CONFIG, which per-proxy settings (proxyHeaders ...) are read from.
+        if let Some(pc) = env_get("PROXY_CONFIG") {
+            let v: serde_json::Value = serde_json::from_str(&pc)
+                .map_err(|e| IdentityError::BadProxyConfig(e.to_string()))?;
+            if !v.is_object() {
+                return Err(IdentityError::BadProxyConfig(format!(
+                    "{v} is not an object"
+                )));
+            }
+            extra_metadata.insert("PROXY_CONFIG".into(), v.to_string());
+        }
 
         Ok(Identity {
             proxy_type,
@@ -544,6 +559,32 @@ mod tests {
             id.node_id(),
             "router~127.0.0.1~h.default~default.svc.cluster.local"
         );
+    }
+
+    #[test]
+    fn proxy_config_env_goes_to_the_node_metadata() {
+        let pc = r#"{"proxyHeaders":{"preserveHttp1HeaderCase":true}}"#;
+        let id = Identity::resolve(
+            ProxyType::Sidecar,
+            &IdentityInput::default(),
+            &env(&[("PROXY_CONFIG", pc)]),
+            &host(),
+        )
+        .unwrap();
+        let md = id.metadata_json();
+        let got: serde_json::Value =
+            serde_json::from_str(md["PROXY_CONFIG"].as_str().unwrap_or_default()).unwrap();
+        assert_eq!(got["proxyHeaders"]["preserveHttp1HeaderCase"], true);
+        for bad in ["proxyHeaders: {}", "[1]"] {
+            let e = Identity::resolve(
+                ProxyType::Sidecar,
+                &IdentityInput::default(),
+                &env(&[("PROXY_CONFIG", bad)]),
+                &host(),
+            )
+            .unwrap_err();
+            assert!(e.to_string().starts_with("PROXY_CONFIG"), "{e}");
+        }
     }
 
     #[test]

@@ -223,6 +223,7 @@ async fn ready_once_pilot_configures_envoy() {
         debounce_max: Duration::from_secs(1),
         secure: None,
         access_log_file: "/dev/stdout".into(),
+        preserve_http1_header_case: false,
     }));
     let (cfg, ports) = config(
         format!("127.0.0.1:{xds_port}"),

@@ -49,6 +49,28 @@ pub struct Proxy {
     /// The xDS node's `locality` (empty when the proxy sent none); see
     /// [`Proxy::locality`].
     pub node_locality: crate::service::Locality,
+    /// `proxyHeaders.preserveHttp1HeaderCase` of the proxy's own ProxyConfig (node metadata
+    /// `PROXY_CONFIG`, which Istio's agent fills from the pod's `proxy.istio.io/config`
+    /// annotation); `None` when it does not say, so the mesh default applies.
+    pub preserve_http1_header_case: Option<bool>,
+}
+
+/// The node metadata's `PROXY_CONFIG`: a ProxyConfig in its JSON form, as an object (what
+/// Istio's agent sends) or as a string holding one (what an `ISTIO_META_PROXY_CONFIG`
+/// variable or a string-only metadata writer gives). Unparsable: ignored, as istiod ignores
+/// metadata it cannot read (the proxy still gets config, with the mesh defaults).
+fn proxy_config(metadata: &serde_json::Value) -> Option<serde_json::Value> {
+    match metadata.get("PROXY_CONFIG")? {
+        serde_json::Value::String(s) => serde_json::from_str(s).ok(),
+        v @ serde_json::Value::Object(_) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+/// A protobuf `BoolValue` in JSON: `true`, or `{"value": true}` from a Struct conversion.
+fn bool_value(v: &serde_json::Value) -> Option<bool> {
+    v.as_bool()
+        .or_else(|| v.get("value").and_then(serde_json::Value::as_bool))
 }
 
 impl Proxy {
@@ -112,7 +134,21 @@ impl Proxy {
             metadata: strings,
             workload: None,
             node_locality: Default::default(),
+            preserve_http1_header_case: proxy_config(metadata)
+                .as_ref()
+                .and_then(|pc| pc.get("proxyHeaders"))
+                .and_then(|h| h.get("preserveHttp1HeaderCase"))
+                .and_then(bool_value),
         })
+    }
+
+    /// Whether this proxy keeps HTTP/1 header-name case: its ProxyConfig's
+    /// `proxyHeaders.preserveHttp1HeaderCase`, else the mesh default (istiod's
+    /// `ProxyConfigOrDefault`, field by field as the agent merges the pod annotation over
+    /// meshConfig.defaultConfig).
+    pub fn preserve_http1_header_case(&self, mesh: &crate::push::MeshSettings) -> bool {
+        self.preserve_http1_header_case
+            .unwrap_or(mesh.preserve_http1_header_case)
     }
 
     /// Match the proxy to a registry workload by IP (then by name); the workload's labels
@@ -165,5 +201,36 @@ mod tests {
         assert_eq!(p.labels.get("app").map(String::as_str), Some("a"));
         assert!(Proxy::from_node("bogus", &md).is_err());
         assert!(Proxy::from_node("ingress~1.1.1.1~a.b~b.svc.cluster.local", &md).is_err());
+    }
+
+    #[test]
+    fn proxy_config_header_case_overrides_the_mesh_default() {
+        let id = "sidecar~10.0.0.2~a-1.ns1~ns1.svc.cluster.local";
+        let on = crate::push::MeshSettings {
+            preserve_http1_header_case: true,
+            ..Default::default()
+        };
+        let off = crate::push::MeshSettings::default();
+        let with = |md: serde_json::Value| Proxy::from_node(id, &md).unwrap();
+        // No PROXY_CONFIG (or one without the field, or unreadable): the mesh decides.
+        for md in [
+            serde_json::json!({}),
+            serde_json::json!({"PROXY_CONFIG": {"concurrency": 2}}),
+            serde_json::json!({"PROXY_CONFIG": "not json"}),
+        ] {
+            let p = with(md);
+            assert!(p.preserve_http1_header_case(&on));
+            assert!(!p.preserve_http1_header_case(&off));
+        }
+        // The proxy's own ProxyConfig wins either way: as Istio's agent sends it (an
+        // object), or as a JSON string.
+        let p = with(
+            serde_json::json!({"PROXY_CONFIG": {"proxyHeaders": {"preserveHttp1HeaderCase": true}}}),
+        );
+        assert!(p.preserve_http1_header_case(&off));
+        let p = with(
+            serde_json::json!({"PROXY_CONFIG": "{\"proxyHeaders\": {\"preserveHttp1HeaderCase\": false}}"}),
+        );
+        assert!(!p.preserve_http1_header_case(&on));
     }
 }

@@ -34,6 +34,10 @@ pub struct MeshSettings {
     /// meshConfig.accessLogFile: where proxies write access logs; empty = none (Istio's
     /// default profile). Mizzen defaults to `/dev/stdout`, as Istio's demo profile does.
     pub access_log_file: String,
+    /// meshConfig.defaultConfig.proxyHeaders.preserveHttp1HeaderCase: every proxy keeps
+    /// HTTP/1 header-name case unless its own ProxyConfig says otherwise (see
+    /// [`crate::Proxy::preserve_http1_header_case`]). Off, as in Istio: Envoy lowercases.
+    pub preserve_http1_header_case: bool,
 }
 
 impl Default for MeshSettings {
@@ -45,6 +49,7 @@ impl Default for MeshSettings {
             trust_domain: "cluster.local".into(),
             ca_enabled: false,
             access_log_file: "/dev/stdout".into(),
+            preserve_http1_header_case: false,
         }
     }
 }

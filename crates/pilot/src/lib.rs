@@ -56,6 +56,8 @@ pub struct PilotConfig {
     pub secure: Option<ca_server::SecureConfig>,
     /// meshConfig.accessLogFile (empty: no access logs).
     pub access_log_file: String,
+    /// meshConfig.defaultConfig.proxyHeaders.preserveHttp1HeaderCase.
+    pub preserve_http1_header_case: bool,
 }
 
 /// State shared with the monitoring endpoints.
@@ -86,6 +88,7 @@ fn build_push(
             .map(|s| s.trust_domain.clone())
             .unwrap_or_else(|| MeshSettings::default().trust_domain),
         access_log_file: cfg.access_log_file.clone(),
+        preserve_http1_header_case: cfg.preserve_http1_header_case,
     };
     let reg = registry::from_resources(&resources, &cfg.domain);
     let stamp = std::time::SystemTime::now()

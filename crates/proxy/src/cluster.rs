@@ -658,6 +658,7 @@ mod tests {
             lb,
             connect_timeout: Duration::from_secs(1),
             http2: false,
+            header_case: Default::default(),
             eds_name: None,
             inline_endpoints: Vec::new(),
             outlier: None,

@@ -223,6 +223,7 @@ async fn connection(shared: Arc<Shared>, name: String, stream: TcpStream, peer: 
                 security: security.with_xfcc(&h.xfcc),
                 access_log: h.access_log.clone(),
                 upgrades: h.upgrades.clone(),
+                header_case: h.header_case,
             };
             drop(snap);
             crate::http::serve(stream, ctx).await;

@@ -884,7 +884,7 @@ impl hyper::rt::Write for TlsConn {
 
 pub type TlsClient = Client<TlsConnector, crate::http::Body>;
 
-type PoolKey = (u64, bool, Option<IpAddr>);
+type PoolKey = (u64, bool, Option<IpAddr>, crate::config::HeaderCase);
 
 /// One pool per (context, HTTP/2, source address). Looked up lock-free; a new context
 /// (config change) copies the small map once.
@@ -898,8 +898,14 @@ pub struct UpstreamClients {
 const MAX_POOLS: usize = 512;
 
 impl UpstreamClients {
-    pub fn get(&self, tls: &Arc<UpstreamTls>, http2: bool, source: Option<IpAddr>) -> TlsClient {
-        let key = (tls.key, http2, source);
+    pub fn get(
+        &self,
+        tls: &Arc<UpstreamTls>,
+        http2: bool,
+        source: Option<IpAddr>,
+        case: crate::config::HeaderCase,
+    ) -> TlsClient {
+        let key = (tls.key, http2, source, case);
         if let Some(c) = self.pools.load().get(&key) {
             return c.clone();
         }
@@ -913,7 +919,8 @@ impl UpstreamClients {
         };
         let mut b = Client::builder(TokioExecutor::new());
         b.pool_idle_timeout(Duration::from_secs(60))
-            .http1_preserve_header_case(true);
+            .http1_preserve_header_case(case == crate::config::HeaderCase::Preserve)
+            .http1_title_case_headers(case == crate::config::HeaderCase::ProperCase);
         if http2 {
             b.http2_only(true);
         }

@@ -29,8 +29,10 @@ class EnvoyProxy:
 
     def __init__(self, mizzen_bin: str | Path, envoy_bin: str | Path, kind: str, discovery_address: str,
                  pod_name: str, namespace: str, ip: str, labels: dict[str, str] | None, workdir: Path,
-                 netns: str | None = None, uid: int | None = None, extra_args: list[str] | None = None):
+                 netns: str | None = None, uid: int | None = None, extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None):
         assert kind in ("router", "sidecar"), kind
+        self.env = dict(env or {})
         self.mizzen_bin = str(mizzen_bin)
         self.envoy_bin = str(envoy_bin)
         self.kind = kind
@@ -75,6 +77,7 @@ class EnvoyProxy:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.setdefault("RUST_BACKTRACE", "1")
+        env.update(self.env)
         if self.uid is not None:
             # The agent writes Envoy's bootstrap somewhere it can: give it its own home.
             home = self.workdir / f"{self.name}-home"

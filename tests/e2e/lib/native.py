@@ -18,8 +18,10 @@ from .procs import Proc, free_ports, wait_until
 class NativeProxy:
     def __init__(self, mizzen_bin: str | Path, kind: str, discovery_address: str, pod_name: str,
                  namespace: str, ip: str, labels: dict[str, str] | None, workdir: Path,
-                 extra_args: list[str] | None = None, netns: str | None = None, uid: int | None = None):
+                 extra_args: list[str] | None = None, netns: str | None = None, uid: int | None = None,
+                 env: dict[str, str] | None = None):
         assert kind in ("router", "sidecar"), kind
+        self.env = dict(env or {})
         self.mizzen_bin = str(mizzen_bin)
         self.kind = kind
         self.discovery_address = discovery_address
@@ -57,6 +59,7 @@ class NativeProxy:
         env.setdefault("RUST_BACKTRACE", "1")
         # Access-log lines (response flags per request id) are debug events of target access_log.
         env.setdefault("RUST_LOG", "info,access_log=debug")
+        env.update(self.env)
         self.proc = Proc(self.name, self.argv(), self.workdir / f"{self.name}.log", env=env, cwd=self.workdir)
         if not wait_ready:
             return self

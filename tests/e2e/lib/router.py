@@ -68,9 +68,10 @@ def wait_acked(pilot: Pilot, node_id: str, types=(CDS, LDS, RDS, EDS), timeout: 
 def start_proxy(proxy_kind: str, mizzen_bin, envoy_bin, role: str, discovery_address: str, *, pod_name: str,
                 namespace: str, ip: str, labels: dict, workdir: Path, extra_args: list[str] | None = None,
                 netns: str | None = None, uid: int | None = None, ready_timeout: float = 30.0,
-                envoy_args: list[str] | None = None):
+                envoy_args: list[str] | None = None, env: dict[str, str] | None = None):
     """``mizzen proxy ROLE`` with Envoy (``--envoy``) or the native proxy, started and ready.
-    ``envoy_args`` are extra Envoy command-line flags (Envoy only)."""
+    ``envoy_args`` are extra Envoy command-line flags (Envoy only); ``env`` is added to the
+    proxy's environment (e.g. the injector's ``PROXY_CONFIG``)."""
     if proxy_kind == "envoy":
         envoy = resolve_envoy_elf(str(envoy_bin))
         if envoy_args:
@@ -81,10 +82,10 @@ def start_proxy(proxy_kind: str, mizzen_bin, envoy_bin, role: str, discovery_add
             envoy = str(wrapper)
         p = EnvoyProxy(mizzen_bin, envoy, role, discovery_address,
                        pod_name=pod_name, namespace=namespace, ip=ip, labels=labels, workdir=workdir,
-                       netns=netns, uid=uid, extra_args=extra_args)
+                       netns=netns, uid=uid, extra_args=extra_args, env=env)
     elif proxy_kind == "native":
         p = NativeProxy(mizzen_bin, role, discovery_address, pod_name=pod_name, namespace=namespace, ip=ip,
-                        labels=labels, workdir=workdir, extra_args=extra_args, netns=netns, uid=uid)
+                        labels=labels, workdir=workdir, extra_args=extra_args, netns=netns, uid=uid, env=env)
     else:
         raise ValueError(f"unknown proxy kind {proxy_kind!r}: expected one of {PROXY_KINDS}")
     return p.start(ready_timeout=ready_timeout)

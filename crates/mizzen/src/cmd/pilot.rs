@@ -33,6 +33,11 @@ pub struct PilotArgs {
     /// logs off, as Istio's default profile does.
     #[arg(long, default_value = "/dev/stdout")]
     access_log_file: String,
+    /// Every proxy keeps HTTP/1 header-name case (meshConfig.defaultConfig.proxyHeaders.
+    /// preserveHttp1HeaderCase); a proxy's own ProxyConfig (node metadata PROXY_CONFIG, from
+    /// the pod's proxy.istio.io/config annotation) overrides it. Off: names are lowercased.
+    #[arg(long)]
+    preserve_http1_header_case: bool,
     /// Quiet time after a config change before pushing (PILOT_DEBOUNCE_AFTER).
     #[arg(long, default_value_t = 100, env = "PILOT_DEBOUNCE_AFTER_MS")]
     debounce_ms: u64,
@@ -142,6 +147,7 @@ pub fn run(args: PilotArgs) -> anyhow::Result<u8> {
         debounce_max: Duration::from_secs(10),
         secure,
         access_log_file: args.access_log_file,
+        preserve_http1_header_case: args.preserve_http1_header_case,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

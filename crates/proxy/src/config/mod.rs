@@ -96,6 +96,27 @@ pub struct HttpConnectionManager {
     pub access_log: Arc<[crate::access_log::AccessLog]>,
     /// `upgrade_configs`: the `Upgrade` protocols allowed (Istio: `websocket`).
     pub upgrades: Arc<[UpgradeConfig]>,
+    /// `http_protocol_options.header_key_format`: how HTTP/1 header names are written
+    /// downstream (responses), and whether the request's are recorded for the upstream hop.
+    pub header_case: HeaderCase,
+}
+
+/// HTTP/1 header-name case on the wire (Envoy's `Http1ProtocolOptions.header_key_format`).
+/// Envoy lowercases unless told otherwise; Istio sets `preserve_case` on every HCM and on
+/// HTTP/1 clusters when ProxyConfig `proxyHeaders.preserveHttp1HeaderCase` is true. Preserving
+/// works per hop as in Envoy: a request keeps its case upstream only if both the listener's
+/// HCM (which records it) and the cluster (which writes it) preserve; a response likewise.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum HeaderCase {
+    /// Lowercase (Envoy's default; HTTP/2 is always lowercase).
+    #[default]
+    Lower,
+    /// `stateful_formatter` `envoy.http.stateful_header_formatters.preserve_case`: names as
+    /// they arrived.
+    Preserve,
+    /// `proper_case_words`: `Content-Type`. hyper's title case capitalizes after `-` only,
+    /// where Envoy also capitalizes after other non-letters (`x_y` -> `X_Y`).
+    ProperCase,
 }
 
 /// One `upgrade_configs` entry (HCM or route): requests asking `Upgrade: <kind>` may be
@@ -390,6 +411,9 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     /// Upstream speaks HTTP/2 (prior knowledge, h2c).
     pub http2: bool,
+    /// HTTP/1 header-name case towards the endpoints (the explicit HTTP/1 protocol options'
+    /// `header_key_format`); also whether the responses' case is recorded.
+    pub header_case: HeaderCase,
     /// EDS service name to subscribe (defaults to the cluster name).
     pub eds_name: Option<String>,
     /// STATIC / STRICT_DNS endpoints from `load_assignment`.

@@ -327,7 +327,63 @@ fn http_connection_manager(h: &hcm::HttpConnectionManager) -> FResult<NetworkFil
         xfcc: xfcc(h)?,
         access_log: access_logs(&h.access_log)?.into(),
         upgrades: hcm_upgrades(&h.upgrade_configs)?.into(),
+        header_case: header_key_format(h.http_protocol_options.as_ref())
+            .map_err(|e| within("http_protocol_options", e))?,
     }))
+}
+
+/// The stateful header formatter Istio configures (`preserveHttp1HeaderCase`).
+const PRESERVE_CASE_CONFIG: &str =
+    "type.googleapis.com/envoy.extensions.http.header_formatters.preserve_case.v3.PreserveCaseFormatterConfig";
+
+/// `Http1ProtocolOptions.header_key_format` (of an HCM or a cluster) -> [`HeaderCase`].
+/// Envoy picks a stateful formatter by its `typed_config` type; the name is free (Istio
+/// sends `preserve_case`). Only the preserve-case formatter with its defaults is supported.
+fn header_key_format(o: Option<&core::Http1ProtocolOptions>) -> FResult<HeaderCase> {
+    use core::http1_protocol_options::header_key_format::HeaderFormat;
+    use envoy_types::pb::envoy::extensions::http::header_formatters::preserve_case::v3 as pcv3;
+    let Some(f) = o
+        .and_then(|o| o.header_key_format.as_ref())
+        .and_then(|k| k.header_format.as_ref())
+    else {
+        return Ok(HeaderCase::Lower);
+    };
+    let field = "header_key_format.stateful_formatter";
+    match f {
+        HeaderFormat::ProperCaseWords(_) => Ok(HeaderCase::ProperCase),
+        HeaderFormat::StatefulFormatter(ext) => {
+            let Some(any) = ext.typed_config.as_ref() else {
+                return bad(
+                    field,
+                    format!("formatter {:?} has no typed_config", ext.name),
+                );
+            };
+            if any.type_url != PRESERVE_CASE_CONFIG {
+                return bad(
+                    field,
+                    format!(
+                        "formatter {:?} of type {} is not supported (only {PRESERVE_CASE_CONFIG})",
+                        ext.name, any.type_url
+                    ),
+                );
+            }
+            let c = pcv3::PreserveCaseFormatterConfig::decode(any.value.as_slice())
+                .or_else(|e| bad(field, format!("cannot decode: {e}")))?;
+            if c.forward_reason_phrase {
+                return bad(
+                    format!("{field}.typed_config.forward_reason_phrase"),
+                    "not supported (the standard reason phrase is sent)",
+                );
+            }
+            if c.formatter_type_on_envoy_headers != 0 {
+                return bad(
+                    format!("{field}.typed_config.formatter_type_on_envoy_headers"),
+                    "only DEFAULT (lowercase) is supported",
+                );
+            }
+            Ok(HeaderCase::Preserve)
+        }
+    }
 }
 
 /// The HCM's `upgrade_configs`; a custom filter chain for an upgrade is not supported.
@@ -1265,6 +1321,7 @@ fn cluster(c: &cv3::Cluster) -> FResult<Cluster> {
         .map(|o| outlier(o).map_err(|e| within("outlier_detection", e)))
         .transpose()?;
     let mut http2 = false;
+    let mut header_case = HeaderCase::Lower;
     let mut pool = circuit_breakers(c.circuit_breakers.as_ref());
     for (k, any) in &c.typed_extension_protocol_options {
         if k != HTTP_PROTOCOL_OPTIONS {
@@ -1297,6 +1354,14 @@ fn cluster(c: &cv3::Cluster) -> FResult<Cluster> {
                 e.protocol_config,
                 Some(ProtocolConfig::Http2ProtocolOptions(_))
             );
+            if let Some(ProtocolConfig::HttpProtocolOptions(h1)) = &e.protocol_config {
+                header_case = header_key_format(Some(h1)).map_err(|e| {
+                    within(
+                        &format!("typed_extension_protocol_options.{HTTP_PROTOCOL_OPTIONS}.explicit_http_config.http_protocol_options"),
+                        e,
+                    )
+                })?;
+            }
         } else if o.upstream_protocol_options.is_some() {
             return bad(
                 "typed_extension_protocol_options",
@@ -1344,6 +1409,7 @@ fn cluster(c: &cv3::Cluster) -> FResult<Cluster> {
             .map(duration)
             .unwrap_or(Duration::from_secs(5)),
         http2,
+        header_case,
         eds_name: c
             .eds_cluster_config
             .as_ref()
@@ -2360,6 +2426,126 @@ mod tests {
             vec![("tlsMode".to_string(), "istio".to_string())]
         );
         assert!(transport_metadata(None).is_empty());
+    }
+
+    /// `header_key_format` with Istio's preserve-case formatter, a stateful formatter
+    /// named `name` with `typed_config` of `type_url`, or proper-case words.
+    fn key_format(kind: &str, name: &str, type_url: &str) -> core::Http1ProtocolOptions {
+        use super::core::http1_protocol_options::header_key_format::{
+            HeaderFormat, ProperCaseWords,
+        };
+        let f = if kind == "proper" {
+            HeaderFormat::ProperCaseWords(ProperCaseWords {})
+        } else {
+            HeaderFormat::StatefulFormatter(core::TypedExtensionConfig {
+                name: name.into(),
+                typed_config: Some(Any {
+                    type_url: type_url.into(),
+                    value: Vec::new(),
+                }),
+            })
+        };
+        core::Http1ProtocolOptions {
+            header_key_format: Some(core::http1_protocol_options::HeaderKeyFormat {
+                header_format: Some(f),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn hcm_case(opts: Option<core::Http1ProtocolOptions>) -> Result<HeaderCase, String> {
+        let mut f = hcm_with(vec![http_filter(ROUTER_FILTER, None)]);
+        if let Some(lv3::filter::ConfigType::TypedConfig(any)) = &mut f.config_type {
+            let mut h: hcm::HttpConnectionManager = unpack("t", any).map_err(|e| e.reason)?;
+            h.http_protocol_options = opts;
+            *any = any_of(&h);
+        }
+        let l = Listener::try_from(&chain_listener(vec![f])).map_err(|e| e.to_string())?;
+        match &l.filter_chains[0].filter {
+            NetworkFilter::Http(h) => Ok(h.header_case),
+            NetworkFilter::Tcp(_) => Err("not an HCM".into()),
+        }
+    }
+
+    fn cluster_case(h1: Option<core::Http1ProtocolOptions>) -> Result<HeaderCase, String> {
+        use upv3::http_protocol_options::explicit_http_config::ProtocolConfig;
+        use upv3::http_protocol_options::{ExplicitHttpConfig, UpstreamProtocolOptions};
+        let mut c = auto_mtls_cluster("default");
+        if let Some(h1) = h1 {
+            let o = upv3::HttpProtocolOptions {
+                upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+                    ExplicitHttpConfig {
+                        protocol_config: Some(ProtocolConfig::HttpProtocolOptions(h1)),
+                    },
+                )),
+                ..Default::default()
+            };
+            c.typed_extension_protocol_options =
+                [(HTTP_PROTOCOL_OPTIONS.to_string(), any_of(&o))].into();
+        }
+        Cluster::try_from(&c)
+            .map(|c| c.header_case)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn header_key_format_on_the_hcm_and_the_cluster() {
+        // Envoy's default: lowercase.
+        assert_eq!(hcm_case(None), Ok(HeaderCase::Lower));
+        assert_eq!(cluster_case(None), Ok(HeaderCase::Lower));
+        assert_eq!(
+            cluster_case(Some(core::Http1ProtocolOptions::default())),
+            Ok(HeaderCase::Lower)
+        );
+        // Istio's preserve_case (the name is free; the typed_config type decides).
+        let istio = || key_format("stateful", "preserve_case", PRESERVE_CASE_CONFIG);
+        assert_eq!(hcm_case(Some(istio())), Ok(HeaderCase::Preserve));
+        assert_eq!(cluster_case(Some(istio())), Ok(HeaderCase::Preserve));
+        let proper = || key_format("proper", "", "");
+        assert_eq!(hcm_case(Some(proper())), Ok(HeaderCase::ProperCase));
+        assert_eq!(cluster_case(Some(proper())), Ok(HeaderCase::ProperCase));
+        // Another stateful formatter is a NACK naming the resource, the field and the formatter.
+        let other = || {
+            key_format(
+                "stateful",
+                "envoy.http.stateful_header_formatters.dynamic_modules",
+                "type.googleapis.com/envoy.extensions.http.header_formatters.dynamic_modules.v3.Config",
+            )
+        };
+        let e = hcm_case(Some(other())).unwrap_err();
+        assert!(
+            e.starts_with("listener virtualInbound: ")
+                && e.contains(
+                    "typed_config.http_protocol_options.header_key_format.stateful_formatter"
+                )
+                && e.contains("dynamic_modules"),
+            "{e}"
+        );
+        let e = cluster_case(Some(other())).unwrap_err();
+        assert!(
+            e.starts_with("cluster outbound|8000||back.default.svc.cluster.local: ")
+                && e.contains("explicit_http_config.http_protocol_options.header_key_format.stateful_formatter")
+                && e.contains("dynamic_modules"),
+            "{e}"
+        );
+        // Preserve-case options we do not implement are NACKed too.
+        let mut fwd = istio();
+        if let Some(
+            core::http1_protocol_options::header_key_format::HeaderFormat::StatefulFormatter(t),
+        ) = fwd
+            .header_key_format
+            .as_mut()
+            .and_then(|k| k.header_format.as_mut())
+        {
+            t.typed_config = Some(any_of(
+                &envoy_types::pb::envoy::extensions::http::header_formatters::preserve_case::v3::PreserveCaseFormatterConfig {
+                    forward_reason_phrase: true,
+                    ..Default::default()
+                },
+            ));
+        }
+        let e = hcm_case(Some(fwd)).unwrap_err();
+        assert!(e.contains("forward_reason_phrase"), "{e}");
     }
 
     #[test]

@@ -18,6 +18,13 @@
 //! (istiod's rule); DNS clusters' inline endpoints get the same per-proxy priorities and
 //! weights as EDS ([`super::endpoint`]).
 //!
+//! HTTP/1 header case: with ProxyConfig `proxyHeaders.preserveHttp1HeaderCase` (the proxy's
+//! own, else the mesh default), HTTP and auto-detected ports' clusters (outbound and inbound)
+//! and both passthrough clusters write headers with Envoy's `preserve_case` formatter, as
+//! istiod does; otherwise Envoy lowercases them. An HTTP/2 cluster (port protocol or
+//! `h2UpgradePolicy: UPGRADE`) stays HTTP/2: istiod would turn an upgraded cluster back into
+//! HTTP/1 to carry the formatter, which loses the upgrade the DestinationRule asked for.
+//!
 //! Mesh mTLS (see [`super::tls`]) needs the agent's SDS secrets, so it is generated only when
 //! the pilot runs a CA ([`mizzen_model::MeshSettings::ca_enabled`]).
 
@@ -45,7 +52,12 @@ pub const INBOUND_SOURCE: &str = "127.0.0.6";
 const CONNECT_TIMEOUT_SECS: i64 = 10;
 
 pub fn generate(proxy: &Proxy, push: &PushContext) -> Vec<Cluster> {
-    let mut out = vec![passthrough(), blackhole()];
+    let preserve = proxy.preserve_http1_header_case(&push.mesh);
+    let mut passthrough = passthrough();
+    if preserve {
+        set_http1_preserve_case(&mut passthrough);
+    }
+    let mut out = vec![passthrough, blackhole()];
     for svc in push.services.values() {
         if !push.visible_to(proxy, svc) {
             continue;
@@ -55,7 +67,11 @@ pub fn generate(proxy: &Proxy, push: &PushContext) -> Vec<Cluster> {
         }
     }
     if proxy.proxy_type == ProxyType::Sidecar {
-        out.push(inbound_passthrough());
+        let mut c = inbound_passthrough();
+        if preserve {
+            set_http1_preserve_case(&mut c);
+        }
+        out.push(c);
         out.extend(inbound_clusters(proxy, push));
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -137,6 +153,16 @@ fn inbound_clusters(proxy: &Proxy, push: &PushContext) -> Vec<Cluster> {
                     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
                     pack(&http2_only()),
                 )]);
+            } else if proxy.preserve_http1_header_case(&push.mesh)
+                && svc.ports.iter().any(|p| {
+                    http1_or_auto(p.protocol)
+                        && push
+                            .endpoints(&svc.hostname, p.port)
+                            .iter()
+                            .any(|e| e.port == ep.port && e.address == ep.address)
+                })
+            {
+                set_http1_preserve_case(&mut c);
             }
             c.load_assignment = Some(ev3::ClusterLoadAssignment {
                 cluster_name: c.name.clone(),
@@ -152,6 +178,50 @@ fn inbound_clusters(proxy: &Proxy, push: &PushContext) -> Vec<Cluster> {
         }
     }
     out
+}
+
+/// Ports whose clusters carry HTTP/1 options in istiod (`IsHTTP() || IsUnsupported()`, less
+/// the HTTP/2 ones, which return earlier there).
+fn http1_or_auto(p: mizzen_model::Protocol) -> bool {
+    matches!(
+        p,
+        mizzen_model::Protocol::Http | mizzen_model::Protocol::Auto
+    )
+}
+
+/// Istio's `preserveCaseFormatterConfig`: Envoy's preserve-case stateful formatter.
+pub(crate) fn preserve_case_http1() -> core::Http1ProtocolOptions {
+    use core::http1_protocol_options::{header_key_format::HeaderFormat, HeaderKeyFormat};
+    use envoy_types::pb::envoy::extensions::http::header_formatters::preserve_case::v3::PreserveCaseFormatterConfig;
+    core::Http1ProtocolOptions {
+        header_key_format: Some(HeaderKeyFormat {
+            header_format: Some(HeaderFormat::StatefulFormatter(
+                core::TypedExtensionConfig {
+                    name: "preserve_case".into(),
+                    typed_config: Some(pack(&PreserveCaseFormatterConfig::default())),
+                },
+            )),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Explicit HTTP/1 upstream with the preserve-case formatter, on a cluster that had no HTTP
+/// protocol options.
+fn set_http1_preserve_case(c: &mut Cluster) {
+    use httpv3::http_protocol_options::{explicit_http_config::ProtocolConfig, *};
+    let opts = httpv3::HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(ProtocolConfig::HttpProtocolOptions(preserve_case_http1())),
+            },
+        )),
+        ..Default::default()
+    };
+    c.typed_extension_protocol_options = HashMap::from([(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
+        pack(&opts),
+    )]);
 }
 
 fn http2_only() -> httpv3::HttpProtocolOptions {
@@ -415,7 +485,9 @@ fn outbound_cluster(
         });
         has_common = true;
     }
-    if h2 || has_common {
+    let preserve_case =
+        !h2 && http1_or_auto(port.protocol) && proxy.preserve_http1_header_case(&push.mesh);
+    if h2 || has_common || preserve_case {
         let protocol = if h2 {
             httpv3::http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(core::Http2ProtocolOptions {
                 max_concurrent_streams: http
@@ -426,7 +498,11 @@ fn outbound_cluster(
             })
         } else {
             httpv3::http_protocol_options::explicit_http_config::ProtocolConfig::HttpProtocolOptions(
-                core::Http1ProtocolOptions::default(),
+                if preserve_case {
+                    preserve_case_http1()
+                } else {
+                    core::Http1ProtocolOptions::default()
+                },
             )
         };
         let opts = httpv3::HttpProtocolOptions {

@@ -73,8 +73,37 @@ pub fn generate(proxy: &Proxy, push: &PushContext) -> Vec<Listener> {
             set_access_log_file(l, &push.mesh.access_log_file);
         }
     }
+    if proxy.preserve_http1_header_case(&push.mesh) {
+        for l in &mut out {
+            set_preserve_header_case(l);
+        }
+    }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// ProxyConfig `proxyHeaders.preserveHttp1HeaderCase`: every HCM (outbound, inbound,
+/// gateway) writes HTTP/1 header names as they arrived, with Envoy's `preserve_case`
+/// formatter in `http_protocol_options.header_key_format`, as istiod's
+/// `buildHTTPConnectionManager` does. Like [`set_access_log_file`], a rewrite of the finished
+/// listener that costs nothing unless asked for.
+fn set_preserve_header_case(l: &mut Listener) {
+    use crate::any::unpack_any;
+    let chains = l
+        .filter_chains
+        .iter_mut()
+        .chain(l.default_filter_chain.as_mut());
+    for chain in chains {
+        for filter in &mut chain.filters {
+            let Some(lv3::filter::ConfigType::TypedConfig(any)) = &mut filter.config_type else {
+                continue;
+            };
+            if let Some(mut h) = unpack_any::<HttpConnectionManager>(any) {
+                h.http_protocol_options = Some(super::cluster::preserve_case_http1());
+                *any = pack(&h);
+            }
+        }
+    }
 }
 
 /// Where access logs go unless meshConfig.accessLogFile says otherwise (Istio's demo profile).
