@@ -13,7 +13,10 @@
 //! - [`http`]'s upgrades follow the HCM's and the route's `upgrade_configs` (403 otherwise;
 //!   `h2c` upgrades stripped and served as HTTP/1.1, as Envoy's codec does).
 //! - [`http`] (HTTP/1.1 with Upgrade/WebSocket + h2c, gRPC, Envoy's router semantics) or
-//!   [`tcp`] (byte copy).
+//!   [`tcp`] (byte copy). HTTP/1 header names are lowercased, as Envoy does, unless the HCM
+//!   (downstream) and the cluster (upstream) carry `header_key_format`: `preserve_case`
+//!   (Istio's `preserveHttp1HeaderCase`) or `proper_case_words` (hyper's title case, which
+//!   capitalizes only after `-`).
 //! - [`jwt`]: `envoy.filters.http.jwt_authn` in the HTTP filter chain (RequestAuthentication):
 //!   tokens verified with Envoy's answers (401/403 texts, `www-authenticate`); verified payloads
 //!   go into the request's dynamic metadata, where RBAC matches request principals and claims.
@@ -52,7 +55,8 @@
 //! (HTTP/1 to STRICT_DNS hostnames or over TLS contexts that offer h2; HTTP/2: one connection
 //! per endpoint, only `max_requests` applies),
 //! upgrade-specific filter chains and CONNECT in `upgrade_configs`, HTTP/2 upstream `:authority` to hostname (STRICT_DNS) endpoints,
-//! request trailers on a retry, keeping upgraded (WebSocket) tunnels open through the drain time, closing open TCP
+//! header formatters other than `preserve_case` (and its `forward_reason_phrase`), request
+//! trailers on a retry, keeping upgraded (WebSocket) tunnels open through the drain time, closing open TCP
 //! connections that a new network RBAC policy would deny (decided at accept only), the RBAC
 //! features listed in [`rbac`] (CEL conditions, the matcher API, ...), route matching on JWT
 //! claims (a route match's `dynamic_metadata`: VirtualService `@request.auth.claims`), jwt_authn's
