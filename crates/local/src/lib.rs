@@ -660,6 +660,7 @@ fn proc_specs(sd: &Path, bins: &Bins, plan: &plan::Plan) -> Result<Vec<ProcSpec>
                 ("POD_NAMESPACE".to_string(), p.namespace.clone()),
                 ("INSTANCE_IP".to_string(), p.ip.to_string()),
             ]);
+            env.extend(plan::proxy_config_env(&p.annotations));
             out.push(ProcSpec {
                 name: format!("{}.{}.istio-proxy", p.namespace, p.name),
                 role: Role::Sidecar,

@@ -375,7 +375,10 @@ fn router_container(w: &Workload, pod: &str, ip: Ipv4Addr, bins: &Bins) -> Conta
         image: c.map(|c| c.image.clone()).unwrap_or_default(),
         runner: Runner::Router,
         argv,
-        env: base_env(w, pod, ip),
+        env: base_env(w, pod, ip)
+            .into_iter()
+            .chain(proxy_config_env(&w.annotations))
+            .collect(),
         ports: w
             .containers
             .iter()
@@ -445,8 +448,9 @@ pub fn proxy_identity_args(
 }
 
 /// Istio's per-pod proxy settings: the `proxy.istio.io/config` annotation holds a ProxyConfig
-/// in YAML. Only `concurrency` (the proxy's worker threads) changes anything here; the other
-/// ProxyConfig fields are accepted and ignored.
+/// in YAML. `concurrency` becomes the proxy's `--concurrency` here; the whole ProxyConfig also
+/// goes to the proxy as JSON in `PROXY_CONFIG` ([`proxy_config_env`]), which the pilot reads
+/// per-proxy settings from (`proxyHeaders.preserveHttp1HeaderCase`); other fields are ignored.
 pub fn proxy_config_args(
     ns: &str,
     workload: &str,
@@ -478,6 +482,18 @@ pub fn proxy_config_args(
             Ok(vec!["--concurrency".into(), n.to_string()])
         }
     }
+}
+
+/// The injector's `PROXY_CONFIG` environment variable: the pod's `proxy.istio.io/config`
+/// annotation as JSON (the agent puts it in the node metadata). Nothing without the annotation;
+/// the annotation is validated by [`proxy_config_args`] (in `plan`, before anything starts).
+pub fn proxy_config_env(annotations: &Labels) -> Vec<(String, String)> {
+    annotations
+        .get("proxy.istio.io/config")
+        .and_then(|text| serde_yaml_ng::from_str::<serde_json::Value>(text).ok())
+        .filter(serde_json::Value::is_object)
+        .map(|v| vec![("PROXY_CONFIG".to_string(), v.to_string())])
+        .unwrap_or_default()
 }
 
 fn selects(selector: &Labels, labels: &Labels) -> bool {
@@ -814,6 +830,16 @@ mod tests {
         assert!(super::proxy_config_args("ns", "w", &super::Labels::new())
             .unwrap()
             .is_empty());
+        // The whole ProxyConfig, as JSON, for the agent's node metadata.
+        let env = super::proxy_config_env(&ann("proxyHeaders:\n  preserveHttp1HeaderCase: true"));
+        assert_eq!(
+            env,
+            [(
+                "PROXY_CONFIG".to_string(),
+                r#"{"proxyHeaders":{"preserveHttp1HeaderCase":true}}"#.to_string()
+            )]
+        );
+        assert!(super::proxy_config_env(&super::Labels::new()).is_empty());
     }
 
     use super::*;
