@@ -30,16 +30,90 @@ pub enum AccessLogError {
     },
 }
 
-/// One piece of a format.
+/// One piece of a format. Everything a line needs is resolved here, when the format is
+/// parsed (header names, commands), so rendering a line only copies values.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Token {
     Text(String),
     /// `%REQ(A?B):N%` / `%RESP(A?B):N%`: a header, its fallback, an optional length cap.
-    Req(String, Option<String>, Option<usize>),
-    Resp(String, Option<String>, Option<usize>),
-    /// Any other command; unknown ones (or ones this proxy does not compute) print `-`, which
-    /// is what Envoy prints for a value it does not have.
-    Command(String),
+    Req(Hdr, Option<Hdr>, Option<usize>),
+    Resp(Hdr, Option<Hdr>, Option<usize>),
+    Command(Cmd),
+}
+
+/// A header a `%REQ%`/`%RESP%` reads: the request's pseudo-headers (REQ only), a header name,
+/// or a name no header can have (it always prints `-`, as `headers.get` of it would).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Hdr {
+    Method,
+    Path,
+    Authority,
+    Scheme,
+    Name(http::HeaderName),
+    Never,
+}
+
+impl Hdr {
+    fn parse(name: &str, request: bool) -> Hdr {
+        match (name, request) {
+            (":method", true) => Hdr::Method,
+            (":path", true) => Hdr::Path,
+            (":authority", true) => Hdr::Authority,
+            (":scheme", true) => Hdr::Scheme,
+            _ => http::HeaderName::from_bytes(name.as_bytes()).map_or(Hdr::Never, Hdr::Name),
+        }
+    }
+}
+
+/// The commands this proxy computes; any other (or one it does not compute) prints `-`, which
+/// is what Envoy prints for a value it does not have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cmd {
+    StartTime,
+    Duration,
+    Protocol,
+    ResponseCode,
+    ResponseFlags,
+    ResponseCodeDetails,
+    BytesReceived,
+    BytesSent,
+    UpstreamHost,
+    UpstreamCluster,
+    DownstreamRemote,
+    DownstreamRemoteWithoutPort,
+    DownstreamLocal,
+    DownstreamLocalWithoutPort,
+    RequestedServerName,
+    RouteName,
+    DownstreamPeerUriSan,
+    UpstreamPeerUriSan,
+    Unknown,
+}
+
+impl Cmd {
+    fn parse(name: &str) -> Cmd {
+        match name {
+            "START_TIME" => Cmd::StartTime,
+            "DURATION" => Cmd::Duration,
+            "PROTOCOL" => Cmd::Protocol,
+            "RESPONSE_CODE" => Cmd::ResponseCode,
+            "RESPONSE_FLAGS" => Cmd::ResponseFlags,
+            "RESPONSE_CODE_DETAILS" => Cmd::ResponseCodeDetails,
+            "BYTES_RECEIVED" => Cmd::BytesReceived,
+            "BYTES_SENT" => Cmd::BytesSent,
+            "UPSTREAM_HOST" => Cmd::UpstreamHost,
+            "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Cmd::UpstreamCluster,
+            "DOWNSTREAM_REMOTE_ADDRESS" => Cmd::DownstreamRemote,
+            "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => Cmd::DownstreamRemoteWithoutPort,
+            "DOWNSTREAM_LOCAL_ADDRESS" => Cmd::DownstreamLocal,
+            "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => Cmd::DownstreamLocalWithoutPort,
+            "REQUESTED_SERVER_NAME" => Cmd::RequestedServerName,
+            "ROUTE_NAME" => Cmd::RouteName,
+            "DOWNSTREAM_PEER_URI_SAN" => Cmd::DownstreamPeerUriSan,
+            "UPSTREAM_PEER_URI_SAN" => Cmd::UpstreamPeerUriSan,
+            _ => Cmd::Unknown,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,13 +159,13 @@ impl Format {
     }
 
     pub fn render(&self, e: &Entry<'_>) -> String {
-        let mut out = String::with_capacity(256);
+        let mut out = String::with_capacity(384);
         for t in &self.tokens {
             match t {
                 Token::Text(s) => out.push_str(s),
-                Token::Req(a, b, max) => header(&mut out, e.request_headers, a, b, *max, Some(e)),
-                Token::Resp(a, b, max) => header(&mut out, e.response_headers, a, b, *max, None),
-                Token::Command(c) => e.command(&mut out, c),
+                Token::Req(a, b, max) => header(&mut out, e.request_headers, a, b, *max, e),
+                Token::Resp(a, b, max) => header(&mut out, e.response_headers, a, b, *max, e),
+                Token::Command(c) => e.command(&mut out, *c),
             }
         }
         out
@@ -114,41 +188,43 @@ fn command(cmd: &str) -> Token {
             })
     };
     if let Some((a, b)) = arg("REQ(") {
-        return Token::Req(a, b, max);
+        let hdr = |n: &str| Hdr::parse(n, true);
+        return Token::Req(hdr(&a), b.as_deref().map(hdr), max);
     }
     if let Some((a, b)) = arg("RESP(") {
-        return Token::Resp(a, b, max);
+        let hdr = |n: &str| Hdr::parse(n, false);
+        return Token::Resp(hdr(&a), b.as_deref().map(hdr), max);
     }
     // START_TIME(format) and the like: the argument is not honoured, the value is.
-    let base = name.split('(').next().unwrap_or_default().to_string();
-    Token::Command(base)
+    Token::Command(Cmd::parse(name.split('(').next().unwrap_or_default()))
 }
 
 fn header(
     out: &mut String,
     headers: Option<&http::HeaderMap>,
-    a: &str,
-    b: &Option<String>,
+    a: &Hdr,
+    b: &Option<Hdr>,
     max: Option<usize>,
-    // The request's pseudo-headers (`:method` ...), for REQ only.
-    request: Option<&Entry<'_>>,
+    // Where the request's pseudo-headers come from (only REQ tokens name them).
+    e: &Entry<'_>,
 ) {
-    let get = |name: &str| -> Option<String> {
-        match (name, request) {
-            (":method", Some(e)) => e.method.map(str::to_string),
-            (":path", Some(e)) => e.path.map(str::to_string),
-            (":authority", Some(e)) => e.authority.map(str::to_string),
-            (":scheme", Some(_)) => Some("http".into()),
-            _ => headers?.get(name)?.to_str().ok().map(str::to_string),
+    let get = |h: &Hdr| -> Option<&str> {
+        match h {
+            Hdr::Method => e.method,
+            Hdr::Path => e.path,
+            Hdr::Authority => e.authority,
+            Hdr::Scheme => Some("http"),
+            Hdr::Name(n) => headers?.get(n)?.to_str().ok(),
+            Hdr::Never => None,
         }
     };
-    match get(a).or_else(|| b.as_deref().and_then(get)) {
+    match get(a).or_else(|| b.as_ref().and_then(get)) {
         Some(v) => {
-            let v = match max {
-                Some(m) => v.chars().take(m).collect(),
+            let v = match max.and_then(|m| v.char_indices().nth(m)) {
+                Some((cut, _)) => &v[..cut],
                 None => v,
             };
-            out.push_str(&v);
+            out.push_str(v);
         }
         None => out.push('-'),
     }
@@ -181,81 +257,103 @@ pub struct Entry<'a> {
 }
 
 impl Entry<'_> {
-    fn command(&self, out: &mut String, c: &str) {
+    fn command(&self, out: &mut String, c: Cmd) {
         let opt = |out: &mut String, v: Option<&str>| match v.filter(|s| !s.is_empty()) {
             Some(s) => out.push_str(s),
             None => out.push('-'),
         };
-        let _ = match c {
-            "START_TIME" => {
-                out.push_str(&rfc3339_millis(self.start.unwrap_or_else(SystemTime::now)));
-                Ok(())
-            }
-            "DURATION" => write!(out, "{}", self.duration.as_millis()),
-            "PROTOCOL" => {
-                opt(out, self.protocol);
-                Ok(())
-            }
-            "RESPONSE_CODE" => write!(out, "{}", self.response_code),
-            "RESPONSE_FLAGS" => {
-                opt(out, Some(self.response_flags));
-                Ok(())
-            }
-            "RESPONSE_CODE_DETAILS" => {
-                opt(out, self.response_code_details);
-                Ok(())
-            }
-            "BYTES_RECEIVED" => write!(out, "{}", self.bytes_received),
-            "BYTES_SENT" => write!(out, "{}", self.bytes_sent),
-            "UPSTREAM_HOST" => {
-                opt(out, self.upstream_host);
-                Ok(())
-            }
-            "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => {
-                opt(out, self.upstream_cluster);
-                Ok(())
-            }
-            "DOWNSTREAM_REMOTE_ADDRESS" => addr(out, self.downstream_remote, true),
-            "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => addr(out, self.downstream_remote, false),
-            "DOWNSTREAM_LOCAL_ADDRESS" => addr(out, self.downstream_local, true),
-            "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => addr(out, self.downstream_local, false),
-            "REQUESTED_SERVER_NAME" => {
-                opt(out, self.requested_server_name);
-                Ok(())
-            }
-            "ROUTE_NAME" => {
-                opt(out, self.route_name);
-                Ok(())
-            }
-            "DOWNSTREAM_PEER_URI_SAN" => {
-                opt(out, self.downstream_peer_uri_san);
-                Ok(())
-            }
-            "UPSTREAM_PEER_URI_SAN" => {
-                opt(out, self.upstream_peer_uri_san);
-                Ok(())
-            }
-            _ => {
-                out.push('-');
-                Ok(())
-            }
-        };
-    }
-}
-
-fn addr(out: &mut String, a: Option<SocketAddr>, port: bool) -> std::fmt::Result {
-    match a {
-        Some(a) if port => write!(out, "{a}"),
-        Some(a) => write!(out, "{}", a.ip()),
-        None => {
-            out.push('-');
-            Ok(())
+        match c {
+            Cmd::StartTime => rfc3339_millis_into(out, self.start.unwrap_or_else(SystemTime::now)),
+            Cmd::Duration => push_u64(
+                out,
+                u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX),
+            ),
+            Cmd::Protocol => opt(out, self.protocol),
+            Cmd::ResponseCode => push_u64(out, u64::from(self.response_code)),
+            Cmd::ResponseFlags => opt(out, Some(self.response_flags)),
+            Cmd::ResponseCodeDetails => opt(out, self.response_code_details),
+            Cmd::BytesReceived => push_u64(out, self.bytes_received),
+            Cmd::BytesSent => push_u64(out, self.bytes_sent),
+            Cmd::UpstreamHost => opt(out, self.upstream_host),
+            Cmd::UpstreamCluster => opt(out, self.upstream_cluster),
+            Cmd::DownstreamRemote => addr(out, self.downstream_remote, true),
+            Cmd::DownstreamRemoteWithoutPort => addr(out, self.downstream_remote, false),
+            Cmd::DownstreamLocal => addr(out, self.downstream_local, true),
+            Cmd::DownstreamLocalWithoutPort => addr(out, self.downstream_local, false),
+            Cmd::RequestedServerName => opt(out, self.requested_server_name),
+            Cmd::RouteName => opt(out, self.route_name),
+            Cmd::DownstreamPeerUriSan => opt(out, self.downstream_peer_uri_san),
+            Cmd::UpstreamPeerUriSan => opt(out, self.upstream_peer_uri_san),
+            Cmd::Unknown => out.push('-'),
         }
     }
 }
 
+/// Decimal digits without the formatting machinery (a line has a handful of numbers).
+fn push_u64(out: &mut String, mut v: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    // ASCII digits: always UTF-8.
+    if let Ok(digits) = std::str::from_utf8(&buf[i..]) {
+        out.push_str(digits);
+    }
+}
+
+/// `v` zero-padded to `width` digits (values wider than that are written whole).
+fn push_padded(out: &mut String, v: u64, width: usize) {
+    let mut n = 1;
+    let mut x = v;
+    while x >= 10 {
+        x /= 10;
+        n += 1;
+    }
+    for _ in n..width {
+        out.push('0');
+    }
+    push_u64(out, v);
+}
+
+fn addr(out: &mut String, a: Option<SocketAddr>, port: bool) {
+    match a {
+        Some(SocketAddr::V4(a)) => {
+            for (i, o) in a.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_u64(out, u64::from(o));
+            }
+            if port {
+                out.push(':');
+                push_u64(out, u64::from(a.port()));
+            }
+        }
+        Some(a) if port => {
+            let _ = write!(out, "{a}");
+        }
+        Some(a) => {
+            let _ = write!(out, "{}", a.ip());
+        }
+        None => out.push('-'),
+    }
+}
+
 /// `2026-11-23T14:10:00.123Z` (Envoy's default START_TIME).
+#[cfg(test)]
 fn rfc3339_millis(t: SystemTime) -> String {
+    let mut out = String::new();
+    rfc3339_millis_into(&mut out, t);
+    out
+}
+
+fn rfc3339_millis_into(out: &mut String, t: SystemTime) {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
@@ -269,13 +367,22 @@ fn rfc3339_millis(t: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    // Every field is non-negative past 1970 (earlier times were clamped to the epoch above).
+    let u = |v: i64| u64::try_from(v).unwrap_or(0);
+    push_padded(out, u(year), 4);
+    out.push('-');
+    push_padded(out, u(month), 2);
+    out.push('-');
+    push_padded(out, u(day), 2);
+    out.push('T');
+    push_padded(out, u(rem / 3600), 2);
+    out.push(':');
+    push_padded(out, u(rem % 3600 / 60), 2);
+    out.push(':');
+    push_padded(out, u(rem % 60), 2);
+    out.push('.');
+    push_padded(out, u64::from(d.subsec_millis()), 3);
+    out.push('Z');
 }
 
 /// One configured access log: where its lines go and how they look.
@@ -427,6 +534,37 @@ mod tests {
     }
 
     #[test]
+    fn renders_addresses_numbers_and_caps_as_before() {
+        let f = Format::parse(
+            "%DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% \
+             %DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% \
+             %REQ(X-A):3% %REQ(:SCHEME)% %RESP(:METHOD)% %REQ(BAD NAME?:AUTHORITY)% \
+             %REQ(X-NONE?X-ALSO-NONE)% %UPSTREAM_CLUSTER_RAW% %REQUESTED_SERVER_NAME%",
+        )
+        .unwrap();
+        let mut req = http::HeaderMap::new();
+        req.insert("x-a", "abcdef".parse().unwrap());
+        let e = Entry {
+            downstream_local: Some("10.244.0.10:8080".parse().unwrap()),
+            downstream_remote: Some("[::1]:40000".parse().unwrap()),
+            bytes_received: 0,
+            bytes_sent: 18_446_744_073_709_551_615,
+            duration: Duration::from_millis(1000),
+            method: Some("GET"),
+            authority: Some("web:80"),
+            request_headers: Some(&req),
+            upstream_cluster: Some("outbound|80||web"),
+            requested_server_name: Some(""),
+            ..Default::default()
+        };
+        assert_eq!(
+            f.render(&e),
+            "10.244.0.10:8080 [::1]:40000 10.244.0.10 0 18446744073709551615 1000 \
+             abc http - web:80 - outbound|80||web -"
+        );
+    }
+
+    #[test]
     fn bad_formats_are_errors() {
         assert!(matches!(
             Format::parse("a %START_TIME"),
@@ -450,6 +588,8 @@ mod tests {
         );
         let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(rfc3339_millis(leap), "2000-02-29T00:00:00.000Z");
+        let late = SystemTime::UNIX_EPOCH + Duration::from_millis(253_402_300_799_009); // 9999-12-31
+        assert_eq!(rfc3339_millis(late), "9999-12-31T23:59:59.009Z");
     }
 
     #[test]
