@@ -853,8 +853,9 @@ pub async fn serve(stream: crate::tls::Stream, ctx: ConnCtx) {
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
     });
     // Preserved header case is kept per request (hyper records it in the request's
-    // extensions, which go upstream with it, and an upstream connection that preserves case
-    // writes it); recording costs a map per request, so only when the HCM asks for it.
+    // extensions, which go upstream with it and are honoured by the writer there, as Envoy's
+    // stateful formatter travels with the header map); recording costs a map per request,
+    // so only when the HCM asks for it.
     // Upgrades need the connection handed back after a 101.
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
         .preserve_header_case(ctx_case == HeaderCase::Preserve)

@@ -14,7 +14,7 @@
 //!   `h2c` upgrades stripped and served as HTTP/1.1, as Envoy's codec does).
 //! - [`http`] (HTTP/1.1 with Upgrade/WebSocket + h2c, gRPC, Envoy's router semantics) or
 //!   [`tcp`] (byte copy). HTTP/1 header names are lowercased, as Envoy does, unless the HCM
-//!   (downstream) and the cluster (upstream) carry `header_key_format`: `preserve_case`
+//!   (requests) or the cluster (responses) has a `header_key_format`: `preserve_case`
 //!   (Istio's `preserveHttp1HeaderCase`) or `proper_case_words` (hyper's title case, which
 //!   capitalizes only after `-`).
 //! - [`jwt`]: `envoy.filters.http.jwt_authn` in the HTTP filter chain (RequestAuthentication):

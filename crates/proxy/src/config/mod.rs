@@ -96,16 +96,18 @@ pub struct HttpConnectionManager {
     pub access_log: Arc<[crate::access_log::AccessLog]>,
     /// `upgrade_configs`: the `Upgrade` protocols allowed (Istio: `websocket`).
     pub upgrades: Arc<[UpgradeConfig]>,
-    /// `http_protocol_options.header_key_format`: how HTTP/1 header names are written
-    /// downstream (responses), and whether the request's are recorded for the upstream hop.
+    /// `http_protocol_options.header_key_format`: `Preserve` records each request's header
+    /// case as it is read; `ProperCase` title-cases the responses written downstream.
     pub header_case: HeaderCase,
 }
 
 /// HTTP/1 header-name case on the wire (Envoy's `Http1ProtocolOptions.header_key_format`).
 /// Envoy lowercases unless told otherwise; Istio sets `preserve_case` on every HCM and on
-/// HTTP/1 clusters when ProxyConfig `proxyHeaders.preserveHttp1HeaderCase` is true. Preserving
-/// works per hop as in Envoy: a request keeps its case upstream only if both the listener's
-/// HCM (which records it) and the cluster (which writes it) preserve; a response likewise.
+/// HTTP/1 clusters when ProxyConfig `proxyHeaders.preserveHttp1HeaderCase` is true. As in
+/// Envoy (a stateful formatter is attached to the header map by the side that decodes it),
+/// the case is recorded where a message is read and written wherever it goes: the HCM's
+/// setting decides for requests, the cluster's for responses (hyper: the parser's
+/// `preserve_header_case` records a `HeaderCaseMap` the writer honours).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum HeaderCase {
     /// Lowercase (Envoy's default; HTTP/2 is always lowercase).
@@ -411,8 +413,9 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     /// Upstream speaks HTTP/2 (prior knowledge, h2c).
     pub http2: bool,
-    /// HTTP/1 header-name case towards the endpoints (the explicit HTTP/1 protocol options'
-    /// `header_key_format`); also whether the responses' case is recorded.
+    /// The explicit HTTP/1 protocol options' `header_key_format`: `Preserve` records each
+    /// response's header case as it is read; `ProperCase` title-cases the requests written
+    /// to the endpoints.
     pub header_case: HeaderCase,
     /// EDS service name to subscribe (defaults to the cluster name).
     pub eds_name: Option<String>,
