@@ -6,7 +6,8 @@
 //! - id `TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.<domain>`;
 //! - metadata `NAMESPACE`, `NAME`, `LABELS` (a string map), `INSTANCE_IPS`,
 //!   `SERVICE_ACCOUNT`, `CLUSTER_ID`, `WORKLOAD_NAME`, `MESH_ID`, `ISTIO_VERSION`, plus every
-//!   `ISTIO_META_*` variable the injector set.
+//!   `ISTIO_META_*` variable the injector set, and `PROXY_CONFIG` (the pod's ProxyConfig, from
+//!   the injector's `PROXY_CONFIG` variable, as a JSON string).
 //!
 //! Every value comes from an explicit flag when one was given, else from the environment
 //! Istio's injector writes into the sidecar container (`POD_NAME`, `POD_NAMESPACE`,
