@@ -938,11 +938,9 @@ async fn handle_request(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Bo
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
     let method = req.method().clone();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.to_string())
-        .unwrap_or_else(|| "/".into());
+    // Shares the request's bytes (no copy); only the logs read it.
+    let path = req.uri().path_and_query().cloned();
+    let path = path.as_ref().map_or("/", PathAndQuery::as_str);
     let authority = authority(&req);
     // For the access log: the id the client sent (one we generate is the upstream's business).
     let request_id = req.headers().get("x-request-id").cloned();
@@ -1044,7 +1042,7 @@ async fn handle_request(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Bo
             start: Some(*started),
             duration: start.elapsed(),
             method: Some(method.as_str()),
-            path: Some(&path),
+            path: Some(path),
             authority: Some(&authority),
             protocol: Some(match protocol {
                 "http/2" => "HTTP/2",
@@ -1827,27 +1825,29 @@ fn apply_response_ops(h: &mut HeaderMap, ops: &HeaderOps) {
 /// A random (version 4) UUID, as Envoy generates for `x-request-id`. Written by hand: the
 /// `format!` it replaces cost ~3000 instructions per request.
 fn request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let (a, b) = (random_u64(), random_u64());
-    // 32 random nibbles, then the version (4) and variant (10xx) bits.
-    let mut n = [0u8; 32];
-    for i in 0..16 {
-        n[i] = ((a >> (60 - 4 * i)) & 0xf) as u8;
-        n[16 + i] = ((b >> (60 - 4 * i)) & 0xf) as u8;
-    }
-    n[12] = 4;
-    n[16] = 0x8 | (n[16] & 0x3);
-    let mut out = [0u8; 36];
-    let mut j = 0;
-    for (i, nib) in n.iter().enumerate() {
-        if matches!(i, 8 | 12 | 16 | 20) {
-            out[j] = b'-';
-            j += 1;
-        }
-        out[j] = HEX[usize::from(*nib)];
-        j += 1;
-    }
+    // 32 random hex digits as 8-4-4-4-12, then the version (4) and variant (10xx) digits.
+    let (ra, rb) = (random_u64(), random_u64());
+    let (a, b) = (hex_u64(ra), hex_u64(rb));
+    let mut out = [b'-'; 36];
+    out[0..8].copy_from_slice(&a[0..8]);
+    out[9..13].copy_from_slice(&a[8..12]);
+    out[14..18].copy_from_slice(&a[12..16]);
+    out[14] = b'4';
+    out[19..23].copy_from_slice(&b[0..4]);
+    out[19] = HEX_DIGITS[(0x8 | ((rb >> 60) & 0x3)) as usize];
+    out[24..36].copy_from_slice(&b[4..16]);
     HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// `x` as 16 lowercase hex digits, most significant first.
+fn hex_u64(x: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = HEX_DIGITS[((x >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    out
 }
 
 /// `x-envoy-attempt-count`: the usual values without an allocation.
@@ -2050,12 +2050,16 @@ async fn forward(
             out.flags.push("UH");
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
-        // The last possible attempt takes the headers; only earlier ones need a copy.
+        // The last possible attempt takes the headers; only earlier ones need a copy. The
+        // copy stays here and the original goes upstream: hyper recycles a sent map for the
+        // next message on its connection, and the original has room for the headers added
+        // per request (a clone is exactly full, so they would grow it every time).
         let last = attempt >= max_attempts;
         let mut h = if last {
             std::mem::take(&mut headers)
         } else {
-            headers.clone()
+            let copy = headers.clone();
+            std::mem::replace(&mut headers, copy)
         };
         h.insert(X_ENVOY_ATTEMPT_COUNT.clone(), attempt_count(attempt));
         out.upstream_host = Some(picked.host.clone());
@@ -2668,6 +2672,12 @@ impl hyper::body::Body for Tee {
 }
 
 fn full_body(b: Bytes) -> Body {
+    // An empty body boxes a zero-sized value: no allocation (most requests have no body).
+    if b.is_empty() {
+        return http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed();
+    }
     Full::new(b).map_err(|never| match never {}).boxed()
 }
 
@@ -3218,5 +3228,11 @@ mod tests {
         assert!(groups[3].starts_with(['8', '9', 'a', 'b']), "variant: {id}");
         assert!(id.bytes().all(|c| c == b'-' || c.is_ascii_hexdigit()));
         assert_ne!(request_id(), request_id());
+    }
+
+    #[test]
+    fn hex_digits_most_significant_first() {
+        assert_eq!(&hex_u64(0x0123_4567_89ab_cdef), b"0123456789abcdef");
+        assert_eq!(&hex_u64(u64::MAX), b"ffffffffffffffff");
     }
 }
