@@ -286,7 +286,7 @@ def pilot_extra(args):
     """Access logs off for every proxy (Istio's default profile: meshConfig.accessLogFile ""),
     or, with --access-logs, a line per request to each proxy's stdout (the demo profile's
     /dev/stdout, the pilot's default; stdout is the proxy's log file under the workdir)."""
-    if args.access_logs:
+    if getattr(args, "access_logs", False):  # count.py passes its own Namespace
         return ["--access-log-file", "/dev/stdout"]
     help_text = subprocess.run([args.mizzen, "pilot", "--help"], capture_output=True, text=True).stdout
     if "--access-log-file" in help_text:
