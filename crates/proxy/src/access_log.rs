@@ -289,22 +289,12 @@ impl Entry<'_> {
     }
 }
 
-/// Decimal digits without the formatting machinery (a line has a handful of numbers).
-fn push_u64(out: &mut String, mut v: u64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
+/// Decimal digits without the formatting machinery (a line has a dozen small numbers).
+fn push_u64(out: &mut String, v: u64) {
+    if v >= 10 {
+        push_u64(out, v / 10);
     }
-    // ASCII digits: always UTF-8.
-    if let Ok(digits) = std::str::from_utf8(&buf[i..]) {
-        out.push_str(digits);
-    }
+    out.push(char::from(b'0' + (v % 10) as u8));
 }
 
 /// `v` zero-padded to `width` digits (values wider than that are written whole).

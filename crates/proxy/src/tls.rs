@@ -393,17 +393,18 @@ pub struct Security {
     pub xfcc: XfccAction,
 }
 
-/// `x-forwarded-client-cert` handling, decided once per connection.
+/// `x-forwarded-client-cert` handling, decided once per connection; this hop's element is
+/// a ready header value, so a request only clones it (Bytes: a reference count).
 #[derive(Clone, Debug, Default)]
 pub enum XfccAction {
     #[default]
     Remove,
     Keep,
-    Set(Arc<str>),
-    Append(Arc<str>),
+    Set(http::HeaderValue),
+    Append(http::HeaderValue),
 }
 
-const XFCC: &str = "x-forwarded-client-cert";
+const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
 
 impl Security {
     pub fn plaintext() -> Security {
@@ -418,8 +419,19 @@ impl Security {
             _ if !self.mutual => XfccAction::Remove,
             XfccMode::Sanitize => XfccAction::Remove,
             XfccMode::ForwardOnly => XfccAction::Keep,
-            XfccMode::AppendForward => XfccAction::Append(Arc::from(self.xfcc_element(cfg))),
-            XfccMode::SanitizeSet => XfccAction::Set(Arc::from(self.xfcc_element(cfg))),
+            XfccMode::AppendForward | XfccMode::SanitizeSet => {
+                let element = self.xfcc_element(cfg);
+                match http::HeaderValue::from_str(&element) {
+                    Ok(v) if cfg.mode == XfccMode::SanitizeSet => XfccAction::Set(v),
+                    Ok(v) => XfccAction::Append(v),
+                    // Not a header value (a control character in a SAN or subject): nothing
+                    // of ours to add, and the client's header is not passed on unchecked.
+                    Err(_) => {
+                        tracing::warn!(%element, "x-forwarded-client-cert element is not a valid header value; removing the header");
+                        XfccAction::Remove
+                    }
+                }
+            }
         };
         self
     }
@@ -474,16 +486,20 @@ pub fn apply_xfcc(headers: &mut http::HeaderMap, sec: &Security) {
             headers.remove(XFCC);
         }
         XfccAction::Set(v) => {
-            if let Ok(v) = http::HeaderValue::from_str(v) {
-                headers.insert(XFCC, v);
-            }
+            headers.insert(XFCC, v.clone());
         }
         XfccAction::Append(v) => {
             let joined = match headers.get(XFCC).and_then(|h| h.to_str().ok()) {
-                Some(prev) if !prev.is_empty() => format!("{prev},{v}"),
-                _ => v.to_string(),
+                Some(prev) if !prev.is_empty() => {
+                    let mut b = Vec::with_capacity(prev.len() + 1 + v.len());
+                    b.extend_from_slice(prev.as_bytes());
+                    b.push(b',');
+                    b.extend_from_slice(v.as_bytes());
+                    http::HeaderValue::from_bytes(&b).ok()
+                }
+                _ => Some(v.clone()),
             };
-            if let Ok(v) = http::HeaderValue::from_str(&joined) {
+            if let Some(v) = joined {
                 headers.insert(XFCC, v);
             }
         }
