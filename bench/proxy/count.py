@@ -10,11 +10,15 @@ of one `Gateway` + `VirtualService` to an nginx backend, one worker each, access
 
     python3 bench/proxy/count.py --mizzen target/release/mizzen [--requests 20000] [--systems mizzen,envoy]
 
+`--http2`: the one-hop figures with h2c from the client (oha `--http2 -p 1`: --conns connections,
+one stream each, as bench.py's h2 figure; the upstream stays HTTP/1.1).
+
 Two hops (`--two-hop plain,mtls`): bench.py's `mizzen local` mesh (client pod -> nginx pod,
 sidecars of one worker, real capture, STRICT mTLS with `mtls`); the native sidecars run under
 callgrind through local's MIZZEN_LOCAL_PROXY_WRAPPER hook, and the figures are per sidecar
 (client-0: outbound, backend-0: inbound) and their sum. `--strace` adds syscalls per request
-of each sidecar, Envoy's included (Envoy is not run under callgrind there: the agent starts it).
+of each sidecar. With Envoy (`--systems mizzen,envoy`), the agents run under callgrind with
+--trace-children=yes and only the Envoys they start are counted (slow: minutes per mode).
 
     python3 bench/proxy/count.py --mizzen target/release/mizzen --two-hop plain,mtls --strace [--keep DIR]
 
@@ -37,8 +41,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (reuse the benchmark's setup, not a copy of it)
 
 
-def oha_n(oha, url, n, conns):
-    out = subprocess.run([oha, "--no-tui", "--output-format", "json", "-n", str(n), "-c", str(conns), url],
+def oha_n(oha, url, n, conns, http2=False):
+    # http2: h2c with one stream per connection, as bench.oha's h2 figure.
+    h2 = ["--http2", "-p", "1"] if http2 else []
+    out = subprocess.run([oha, "--no-tui", "--output-format", "json", "-n", str(n), "-c", str(conns), *h2, url],
                          capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"oha failed: {out.stderr[-1000:]}")
@@ -90,18 +96,37 @@ def cg_control(vgdb, op, pid):
         raise RuntimeError(f"callgrind_control {op} {pid}: {o.stdout[-500:]} {o.stderr[-500:]}")
 
 
-def envoy_pids():
-    """{pod: pid} of the Envoys under the two agents."""
-    sc = bench.Sidecars("envoy")
-    return dict(zip(("client-0", "backend-0"), sc.pids))
+def envoy_pids(traced=False):
+    """{pod: pid} of the Envoys under the two agents (`traced`: agent and Envoy both run under
+    callgrind, so neither exe is what bench.Sidecars looks for)."""
+    if not traced:
+        sc = bench.Sidecars("envoy")
+        return dict(zip(("client-0", "backend-0"), sc.pids))
+    out = {}
+    for pod, agent in sidecar_pids().items():
+        kids = []
+        for k in bench.children(agent):
+            try:
+                with open(f"/proc/{k}/cmdline", "rb") as f:
+                    argv = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+            except OSError:
+                continue
+            if any(os.path.basename(a) == "envoy" for a in argv):
+                kids.append(k)
+        if len(kids) != 1:
+            raise RuntimeError(f"expected one Envoy under the agent of {pod}, found {kids}")
+        out[pod] = kids[0]
+    return out
 
 
 def two_hop(args, workdir, mtls, kind, mode):
     """One `mizzen local up` of bench.two_hop_manifest's mesh (client pod -> backend Service,
     sidecars with one worker); `mode` callgrind: the native sidecars run under callgrind
     (through local's MIZZEN_LOCAL_PROXY_WRAPPER hook), counters zeroed after a warm-up and
-    dumped after --callgrind-requests; `mode` strace: strace -c -f on both sidecars over
-    --requests. oha runs in the client pod, so its traffic goes through capture."""
+    dumped after --callgrind-requests (Envoy: the agents run under callgrind with
+    --trace-children=yes, so the Envoys they start do too; only the Envoys are counted);
+    `mode` strace: strace -c -f on both sidecars over --requests. oha runs in the client pod,
+    so its traffic goes through capture."""
     tag = f"{kind}-{'mtls' if mtls else 'plain'}-{mode}"
     state = os.path.join(workdir, f"local-{tag}")
     manifest = os.path.join(workdir, f"two-hop-{tag}")
@@ -116,7 +141,8 @@ def two_hop(args, workdir, mtls, kind, mode):
         # vgdb's pipes go to $TMPDIR, which local sets to each pod's directory: one known
         # prefix instead, so callgrind_control finds both sidecars.
         env["MIZZEN_LOCAL_PROXY_WRAPPER"] = wrapper(cg_dir, "sidecar", "", os.path.join(cg_dir, "callgrind.out.%p"),
-                                                    extra=f"--vgdb-prefix={vgdb} ")
+                                                    extra=f"--vgdb-prefix={vgdb} "
+                                                    + ("--trace-children=yes " if kind == "envoy" else ""))
         os.chmod(os.path.join(cg_dir, "sidecar-callgrind.sh"), 0o755)
     up = ["taskset", "-c", "0", args.mizzen, "local", "up", manifest, "--proxy", kind, "--timeout", "300"]
     if kind == "envoy":
@@ -126,7 +152,7 @@ def two_hop(args, workdir, mtls, kind, mode):
         r = subprocess.run(up, env=env, capture_output=True, text=True, timeout=400)
         if r.returncode != 0:
             raise RuntimeError(f"mizzen local up --proxy {kind} failed: {r.stderr[-3000:]}")
-        pids = envoy_pids() if kind == "envoy" else sidecar_pids()
+        pids = envoy_pids(traced=mode == "callgrind") if kind == "envoy" else sidecar_pids()
         st = json.loads(subprocess.run([args.mizzen, "local", "status", "--json"], env=env,
                                        capture_output=True, text=True, timeout=60, check=True).stdout)
         cip = next(x["cluster_ip"] for x in st["services"] if x["name"] == "backend")
@@ -208,6 +234,9 @@ def main():
                     help="also count the proxy's syscalls per request (strace -c) over one run")
     ap.add_argument("--keep", default=None,
                     help="copy each callgrind dump here (SYSTEM.callgrind.out) for callgrind_annotate")
+    ap.add_argument("--http2", action="store_true",
+                    help="one hop with h2c from the client (oha --http2 -p 1, as bench.py's h2 figure; "
+                         "HTTP/1.1 upstream)")
     ap.add_argument("--two-hop", default=None,
                     help="plain, mtls or plain,mtls: the sidecar path through `mizzen local` instead "
                          "(native sidecars under callgrind; with --strace, every system's syscalls)")
@@ -223,7 +252,7 @@ def main():
             for m in args.two_hop.split(","):
                 for s in args.systems.split(","):
                     kind = "native" if s == "mizzen" else s
-                    if not args.no_callgrind and kind == "native":
+                    if not args.no_callgrind:
                         two_hop(args, workdir, m == "mtls", kind, "callgrind")
                     if args.strace:
                         two_hop(args, workdir, m == "mtls", kind, "strace")
@@ -263,10 +292,10 @@ def main():
                 url = f"http://127.0.0.1:{ports[s]}/"
                 bench.wait_for(lambda: bench.http_get(url, timeout=10) == (200, bench.BODY), 120, f"{s} answering")
                 if mode == "cpu":
-                    oha_n(args.oha, url, args.requests // 4, args.conns)  # warm-up
+                    oha_n(args.oha, url, args.requests // 4, args.conns, args.http2)  # warm-up
                     for i in range(args.repeat):
                         c0 = bench.cpu_secs(pid)
-                        r = oha_n(args.oha, url, args.requests, args.conns)
+                        r = oha_n(args.oha, url, args.requests, args.conns, args.http2)
                         c1 = bench.cpu_secs(pid)
                         print(f"{s:7} cpu: {(c1 - c0) * 1e6 / max(r['ok'], 1):7.1f} us/request "
                               f"({r['ok']} ok, {r['non_200'] + r['errors']} bad, load {bench.loadavg()})",
@@ -275,7 +304,7 @@ def main():
                         st = subprocess.Popen(["strace", "-c", "-f", "-q", "-p", str(pid)],
                                               stderr=subprocess.PIPE, text=True)
                         time.sleep(1)
-                        r = oha_n(args.oha, url, args.requests, args.conns)
+                        r = oha_n(args.oha, url, args.requests, args.conns, args.http2)
                         st.send_signal(2)  # SIGINT: strace detaches and prints its table
                         table = st.communicate(timeout=60)[1]
                         print(f"{s:7} syscalls per request ({r['ok']} ok):", flush=True)
@@ -284,9 +313,9 @@ def main():
                             if len(f) >= 5 and f[3].isdigit():
                                 print(f"    {f[-1]:16} {int(f[3]) / max(r['ok'], 1):6.2f}", flush=True)
                 else:
-                    oha_n(args.oha, url, 500, args.conns)  # warm-up
+                    oha_n(args.oha, url, 500, args.conns, args.http2)  # warm-up
                     subprocess.run(["callgrind_control", "-z", str(pid)], capture_output=True, timeout=120)
-                    r = oha_n(args.oha, url, args.callgrind_requests, args.conns)
+                    r = oha_n(args.oha, url, args.callgrind_requests, args.conns, args.http2)
                     subprocess.run(["callgrind_control", "-d", str(pid)], capture_output=True, timeout=120)
                     time.sleep(1)
                     ir = callgrind_total(cg_out)
@@ -294,7 +323,7 @@ def main():
                         os.makedirs(args.keep, exist_ok=True)
                         newest = max(glob.glob(cg_out + "*"), key=os.path.getmtime)
                         shutil.copy(newest, os.path.join(args.keep, f"{s}.callgrind.out"))
-                    print(f"{s:7} callgrind: {ir / max(r['ok'], 1):9.0f} user instructions/request "
+                    print(f"{s:7} callgrind{' h2c' if args.http2 else ''}: {ir / max(r['ok'], 1):9.0f} user instructions/request "
                           f"({r['ok']} ok, {r['non_200'] + r['errors']} bad)", flush=True)
                 p.stop(timeout=30)
                 procs.remove(p)
