@@ -16,8 +16,8 @@ one stream each, as bench.py's h2 figure; the upstream stays HTTP/1.1).
 Two hops (`--two-hop plain,mtls`): bench.py's `mizzen local` mesh (client pod -> nginx pod,
 sidecars of one worker, real capture, STRICT mTLS with `mtls`); the native sidecars run under
 callgrind through local's MIZZEN_LOCAL_PROXY_WRAPPER hook, and the figures are per sidecar
-(client-0: outbound, backend-0: inbound) and their sum. `--strace` adds syscalls per request
-of each sidecar. With Envoy (`--systems mizzen,envoy`), the agents run under callgrind with
+(client-0: outbound, backend-0: inbound) and their sum. `--strace` adds syscalls and context switches
+per request of each sidecar. With Envoy (`--systems mizzen,envoy`), the agents run under callgrind with
 --trace-children=yes and only the Envoys they start are counted (slow: minutes per mode).
 
     python3 bench/proxy/count.py --mizzen target/release/mizzen --two-hop plain,mtls --strace [--keep DIR]
@@ -84,6 +84,21 @@ def sidecar_pids():
             raise RuntimeError(f"expected one sidecar process for {pod}, found {pids}")
         out[pod] = pids[0]
     return out
+
+
+def ctx_switches(pid):
+    """Context switches (voluntary + involuntary) of all the process's threads so far: each
+    voluntary one is a thread going to sleep (a wake-up of another thread costs one too)."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        n += int(line.split()[1])
+        except OSError:
+            pass  # a thread that just exited
+    return n
 
 
 def cg_control(vgdb, op, pid):
@@ -195,6 +210,12 @@ def two_hop(args, workdir, mtls, kind, mode):
                 print(f"{label} {pod:9}: {ir / x['ok']:9.0f} user instructions/request", flush=True)
             print(f"{label} both     : {total / x['ok']:9.0f} user instructions/request ({x['ok']} ok)", flush=True)
         else:
+            # Context switches per request, without strace (which adds its own stops).
+            before = {pod: ctx_switches(pid) for pod, pid in pids.items()}
+            x = load(args.requests)
+            for pod, pid in pids.items():
+                print(f"{label} {pod:9}: {(ctx_switches(pid) - before[pod]) / x['ok']:6.2f} "
+                      f"context switches/request ({x['ok']} ok)", flush=True)
             tracers = {pod: subprocess.Popen(["strace", "-c", "-f", "-q", "-p", str(pid)],
                                              stderr=subprocess.PIPE, text=True)
                        for pod, pid in pids.items()}
