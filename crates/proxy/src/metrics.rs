@@ -504,7 +504,7 @@ pub struct TcpSeries {
 /// which is fine here: peer-controlled values reach the keys only through the bounded
 /// caches below, so an attacker cannot flood one bucket with unbounded keys.
 #[derive(Default, Clone, Copy)]
-struct Fx(u64);
+pub struct Fx(u64);
 
 impl Fx {
     fn add(&mut self, w: u64) {
@@ -553,7 +553,7 @@ impl Hasher for Fx {
     }
 }
 
-type FxMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fx>>;
+pub type FxMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fx>>;
 
 /// A map read lock-free on the request path; a new key (rare: a new label set) copies it.
 #[derive(Debug)]
