@@ -4,15 +4,18 @@
 //!
 //! The format is parsed once, when the listener arrives ([`Format::parse`]); a line is rendered
 //! on the request path and handed to one writer thread per file through a bounded channel.
-//! The request path never blocks on the file: when the writer falls behind, lines are dropped
-//! and counted ([`dropped`]; not exported as a metric yet), like Envoy's buffered flushes favour the
-//! data path.
+//! The writer wakes every 250 ms (or once 1024 lines wait) and writes the batch, as Envoy
+//! flushes its access-log buffers on an interval: a line costs the request path neither a
+//! wake-up of the writer nor a system call (waking it per line was 3 syscalls and 3 context
+//! switches per request on each sidecar). The request path never blocks on the file: when
+//! the writer falls behind, lines are dropped and counted ([`dropped`]; not exported as a
+//! metric yet), like Envoy's buffered flushes favour the data path.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -416,8 +419,23 @@ pub fn dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
+/// How often the writer wakes to write what is queued (Envoy: --file-flush-interval-msec,
+/// 10 s). Short enough that a line shows up promptly, long enough that a busy proxy pays one
+/// wake-up and one write per batch instead of per line.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+/// Queued lines that wake the writer before its interval (the queue holds 16 Ki lines).
+const WAKE_AT: usize = 1024;
+
 #[derive(Clone, Debug)]
-struct Sink(SyncSender<String>);
+struct Sink(Arc<SinkInner>);
+
+#[derive(Debug)]
+struct SinkInner {
+    tx: SyncSender<String>,
+    /// Lines sent and not yet taken by the writer.
+    queued: AtomicUsize,
+    writer: std::thread::Thread,
+}
 
 impl Sink {
     fn for_path(path: &str) -> Result<Sink, AccessLogError> {
@@ -447,21 +465,38 @@ impl Sink {
         };
         let (tx, rx) = sync_channel::<String>(16 * 1024);
         let name = format!("access-log {path}");
-        std::thread::Builder::new()
+        let (inner_tx, inner_rx) = std::sync::mpsc::channel::<Arc<SinkInner>>();
+        let handle = std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(rx, file, &name))
+            .spawn(move || {
+                // The sink's shared counter: the writer starts once the sink exists.
+                if let Ok(inner) = inner_rx.recv() {
+                    write_lines(rx, &inner.queued, file, &name);
+                }
+            })
             .map_err(|source| AccessLogError::Open {
                 path: path.to_string(),
                 source,
             })?;
-        let sink = Sink(tx);
+        let sink = Sink(Arc::new(SinkInner {
+            tx,
+            queued: AtomicUsize::new(0),
+            writer: handle.thread().clone(),
+        }));
+        let _ = inner_tx.send(sink.0.clone());
         map.insert(path.to_string(), sink.clone());
         Ok(sink)
     }
 
+    /// Never blocks and, below [`WAKE_AT`] queued lines, makes no system call: the writer
+    /// never waits in `recv` (a send would wake it), it sleeps in `park_timeout`.
     fn send(&self, line: String) {
-        match self.0.try_send(line) {
-            Ok(()) => {}
+        match self.0.tx.try_send(line) {
+            Ok(()) => {
+                if self.0.queued.fetch_add(1, Ordering::Relaxed) + 1 == WAKE_AT {
+                    self.0.writer.unpark();
+                }
+            }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 DROPPED.fetch_add(1, Ordering::Relaxed);
             }
@@ -469,21 +504,43 @@ impl Sink {
     }
 }
 
-/// Writes what arrives, flushing whenever the queue is momentarily empty.
-fn write_lines(rx: Receiver<String>, file: Box<dyn std::io::Write + Send>, name: &str) {
+/// Writes what is queued every [`FLUSH_INTERVAL`] (sooner when [`WAKE_AT`] lines wait), as
+/// Envoy flushes its access-log buffers on an interval, so a line costs the request path no
+/// wake-up of this thread.
+fn write_lines(
+    rx: Receiver<String>,
+    queued: &AtomicUsize,
+    file: Box<dyn std::io::Write + Send>,
+    name: &str,
+) {
     let mut w = std::io::BufWriter::with_capacity(64 * 1024, file);
-    while let Ok(line) = rx.recv() {
-        let mut ok = w.write_all(line.as_bytes()).is_ok();
-        while let Ok(more) = rx.try_recv() {
-            ok &= w.write_all(more.as_bytes()).is_ok();
+    loop {
+        let mut n = 0usize;
+        let mut ok = true;
+        let gone = loop {
+            match rx.try_recv() {
+                Ok(line) => {
+                    ok &= w.write_all(line.as_bytes()).is_ok();
+                    n += 1;
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => break false,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break true,
+            }
+        };
+        if n > 0 {
+            queued.fetch_sub(n, Ordering::Relaxed);
+            ok &= w.flush().is_ok();
+            if !ok {
+                tracing::warn!(
+                    log = name,
+                    "writing the access log failed; lines are being lost"
+                );
+            }
         }
-        ok &= w.flush().is_ok();
-        if !ok {
-            tracing::warn!(
-                log = name,
-                "writing the access log failed; lines are being lost"
-            );
+        if gone {
+            return;
         }
+        std::thread::park_timeout(FLUSH_INTERVAL);
     }
 }
 
