@@ -943,7 +943,7 @@ async fn handle_request(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Bo
     let path = path.as_ref().map_or("/", PathAndQuery::as_str);
     let authority = authority(&req);
     // For the access log: the id the client sent (one we generate is the upstream's business).
-    let request_id = req.headers().get("x-request-id").cloned();
+    let request_id = req.headers().get(&X_REQUEST_ID).cloned();
     // The request as it arrived, only when an access log will print it.
     let logged = (!ctx.access_log.is_empty()).then(|| (SystemTime::now(), req.headers().clone()));
     let request_bytes = content_length(req.headers());
@@ -993,7 +993,7 @@ async fn handle_request(ctx: ConnCtx, mut req: Request<Incoming>) -> Response<Bo
     };
     let grpc_status = resp
         .headers()
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     let response_bytes = content_length(resp.headers());
