@@ -1,7 +1,8 @@
 //! HTTP: the connection manager and router, with Envoy's semantics for the config the pilot
 //! generates.
 //!
-//! Downstream connections are served by hyper (HTTP/1.1 and h2c, detected per connection).
+//! Downstream connections are served by hyper (HTTP/1.1 and h2c, detected per connection);
+//! an h2 connection's streams run in the connection's own task, not one task each (`serve`).
 //! For each request: pick the virtual host by authority, the first route that matches
 //! (path, headers, query), apply fault injection, then the action — direct response,
 //! redirect, or forwarding to a (weighted) cluster with rewrites, header edits, timeout and
@@ -50,6 +51,7 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -857,22 +859,277 @@ pub async fn serve(stream: crate::tls::Stream, ctx: ConnCtx) {
     // stateful formatter travels with the header map); recording costs a map per request,
     // so only when the HCM asks for it.
     // Upgrades need the connection handed back after a 101.
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+    let (exec, mut spawned) = StreamExec::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(exec)
         .preserve_header_case(ctx_case == HeaderCase::Preserve)
         .title_case_headers(ctx_case == HeaderCase::ProperCase);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                debug!(error = %e, "downstream connection ended with an error");
+    let mut streams = futures::stream::FuturesUnordered::new();
+    let mut conn_done = false;
+    let mut draining = false;
+    let mut stopped = std::pin::pin!(crate::stopped(&mut shutdown));
+    // Wakers of the connection and of the streams' set that, while this task polls them,
+    // record a wake-up for this same poll instead of scheduling the task again.
+    let conn_wake = Arc::new(PollWake::default());
+    let conn_waker = std::task::Waker::from(conn_wake.clone());
+    let streams_wake = Arc::new(PollWake::default());
+    let streams_waker = std::task::Waker::from(streams_wake.clone());
+    // Moved in: the receiver is Send but not Sync, so the task may hold it, not a reference.
+    std::future::poll_fn(move |cx| {
+        if !draining && std::future::Future::poll(stopped.as_mut(), cx).is_ready() {
+            // Finish in-flight requests, refuse new ones (Connection: close / GOAWAY).
+            draining = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        // Until a stream was spawned (HTTP/1.1 always), the connection is all there is.
+        if !spawned.any {
+            if let Poll::Ready(r) = std::future::Future::poll(conn.as_mut(), cx) {
+                if let Err(e) = r {
+                    debug!(error = %e, "downstream connection ended with an error");
+                }
+                if !spawned.sent.load(Ordering::Acquire) {
+                    return Poll::Ready(());
+                }
+                conn_done = true;
+            }
+            if !spawned.sent.load(Ordering::Acquire) {
+                return Poll::Pending;
+            }
+            spawned.any = true;
+        }
+        conn_wake.begin(cx.waker());
+        streams_wake.begin(cx.waker());
+        let mut conn_cx = Context::from_waker(&conn_waker);
+        let mut streams_cx = Context::from_waker(&streams_waker);
+        // Bounded: a connection woken by its streams on every round yields after these.
+        let mut again = false;
+        for _ in 0..16 {
+            // Streams first: a response one of them queues is written by the connection's
+            // poll below, in this same wake-up.
+            spawned.drive(&mut streams, &streams_wake, &mut streams_cx);
+            if conn_done {
+                break;
+            }
+            // Wake-ups before this poll (a stream queued frames) are answered by it.
+            conn_wake.state.store(POLLING, Ordering::Release);
+            if let Poll::Ready(r) = std::future::Future::poll(conn.as_mut(), &mut conn_cx) {
+                conn_done = true;
+                if let Err(e) = r {
+                    debug!(error = %e, "downstream connection ended with an error");
+                }
+            }
+            // The requests the connection just read start now (their first poll sends them
+            // upstream) rather than after another wake-up.
+            spawned.drive(&mut streams, &streams_wake, &mut streams_cx);
+            // A stream started after the connection's poll queued frames (a local reply) or
+            // the connection woke itself: poll it again now, not through another wake-up.
+            again = !conn_done && conn_wake.notified();
+            if !again {
+                break;
             }
         }
-        () = crate::stopped(&mut shutdown) => {
-            // Finish in-flight requests, refuse new ones (Connection: close / GOAWAY).
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+        // Wake-ups that came after the last look (or rounds used up with one pending) bring
+        // the task back.
+        let conn_unanswered = conn_wake.end() && !conn_done;
+        let streams_unanswered = streams_wake.end();
+        if again || conn_unanswered || streams_unanswered {
+            cx.waker().wake_by_ref();
         }
+        // A connection that ended (or failed) has told its streams (reset or error); they
+        // finish, as spawned tasks would, before the connection counts as closed.
+        if conn_done && streams.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+}
+
+/// [`PollWake::state`]: the task is not polling the future / is polling it / was woken for
+/// it while polling it.
+const IDLE: u8 = 0;
+const POLLING: u8 = 1;
+const NOTIFIED: u8 = 2;
+
+/// The waker [`serve`] polls the connection (and the set of its streams) with. A stream
+/// that queues a response wakes its connection, and the connection granting send capacity
+/// wakes the stream; when that happens inside serve's own poll, the wake-up is recorded
+/// and answered in the same poll, instead of waking the task only to find the work done.
+#[derive(Default)]
+struct PollWake {
+    state: AtomicU8,
+    task: futures::task::AtomicWaker,
+}
+
+impl PollWake {
+    /// A poll starts: wake-ups from now on are recorded.
+    fn begin(&self, task: &std::task::Waker) {
+        self.task.register(task);
+        self.state.store(POLLING, Ordering::Release);
+    }
+
+    /// Whether a wake-up came since [`PollWake::begin`] or the last call (and reset).
+    fn notified(&self) -> bool {
+        self.state
+            .compare_exchange(NOTIFIED, POLLING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The poll ends: wake-ups go to the task again; whether one came unanswered.
+    fn end(&self) -> bool {
+        self.state.swap(IDLE, Ordering::AcqRel) == NOTIFIED
+    }
+}
+
+impl std::task::Wake for PollWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        match self
+            .state
+            .compare_exchange(POLLING, NOTIFIED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) | Err(NOTIFIED) => {}
+            Err(_) => self.task.wake(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod poll_wake_tests {
+    use super::PollWake;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    struct Count(AtomicUsize);
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn wake_ups_during_a_poll_are_recorded_others_reach_the_task() {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let task = std::task::Waker::from(count.clone());
+        let pw = Arc::new(PollWake::default());
+        let waker = std::task::Waker::from(pw.clone());
+        // Idle: straight to the task (no registered task yet: nothing to wake, no panic).
+        waker.wake_by_ref();
+        pw.begin(&task);
+        assert!(!pw.notified());
+        waker.wake_by_ref();
+        waker.wake_by_ref();
+        assert_eq!(count.0.load(Ordering::SeqCst), 0, "recorded, not passed on");
+        assert!(pw.notified());
+        assert!(!pw.notified(), "answered once");
+        waker.wake_by_ref();
+        assert!(pw.end(), "an unanswered wake-up is reported at the end");
+        waker.wake_by_ref();
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            1,
+            "after the poll: the task"
+        );
+        pw.begin(&task);
+        assert!(!pw.end());
+    }
+}
+
+/// A future hyper hands to its executor: an h2 stream (one request and its response body)
+/// or an h2 CONNECT tunnel.
+type StreamFuture = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// The executor of one downstream connection: hyper's h2 server spawns a task per stream;
+/// this runs them in the connection's own task instead (as Envoy runs a connection's streams
+/// on its worker), which saves the task spawn and scheduling and the wake-ups between a
+/// stream and the connection that writes its frames (callgrind, h2c one stream per
+/// connection: see BENCHMARKS.md). hyper calls `execute` only from within the connection's
+/// or a stream's poll, so [`Spawned::drive`] picks them up right after, in the same task.
+#[derive(Clone)]
+struct StreamExec {
+    tx: std::sync::mpsc::Sender<StreamFuture>,
+    /// Set with each send: the common poll (nothing spawned) checks this, not the channel.
+    sent: Arc<AtomicBool>,
+}
+
+/// The receiving end of [`StreamExec`], held by [`serve`]'s task.
+struct Spawned {
+    rx: std::sync::mpsc::Receiver<StreamFuture>,
+    sent: Arc<AtomicBool>,
+    /// Whether hyper ever spawned on this connection (h2): until then [`serve`] polls the
+    /// connection alone, with the task's own waker.
+    any: bool,
+}
+
+impl StreamExec {
+    fn new() -> (Self, Spawned) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sent = Arc::new(AtomicBool::new(false));
+        (
+            StreamExec {
+                tx,
+                sent: sent.clone(),
+            },
+            Spawned {
+                rx,
+                sent,
+                any: false,
+            },
+        )
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        match self.tx.send(Box::pin(fut)) {
+            Ok(()) => self.sent.store(true, Ordering::Release),
+            // The connection's task is gone (cannot happen while hyper polls it): a task of
+            // its own then, rather than a dropped stream.
+            Err(std::sync::mpsc::SendError(fut)) => {
+                tokio::spawn(fut);
+            }
+        }
+    }
+}
+
+impl Spawned {
+    /// Polls a connection's streams, taking on those hyper spawned meanwhile (a stream's
+    /// poll can spawn too: an h2 CONNECT tunnel), until none is ready; `cx` wakes through
+    /// `wake`, so a stream woken while polled (the connection granted it send capacity) is
+    /// polled again here.
+    fn drive(
+        &self,
+        streams: &mut futures::stream::FuturesUnordered<StreamFuture>,
+        wake: &PollWake,
+        cx: &mut Context<'_>,
+    ) {
+        use futures::StreamExt as _;
+        // Bounded: streams that wake themselves or spawn on every poll cannot keep this
+        // loop going past these rounds (a wake-up left over brings the task back).
+        for _ in 0..16 {
+            if self.sent.swap(false, Ordering::Acquire) {
+                while let Ok(f) = self.rx.try_recv() {
+                    streams.push(f);
+                }
+            }
+            if streams.is_empty() {
+                return;
+            }
+            while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+            if !wake.notified() && !self.sent.load(Ordering::Acquire) {
+                return;
+            }
+        }
+        // Rounds used up with work left: recorded as a wake-up, the poll's end answers it.
+        cx.waker().wake_by_ref();
     }
 }
 
